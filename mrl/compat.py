@@ -1,0 +1,94 @@
+"""Version shims for Megatron-Core, Transformer Engine and apex: the one place that knows them.
+
+Transformer Engine (TE) and apex are optional. They are never imported at package import time:
+callers ask ``te_available()`` / ``import_transformer_engine()`` at the point of use. A CPU machine
+must not have TE at all, because even its bare meta package makes ``import megatron.core`` raise
+(Megatron only catches ``ImportError``), so the check here catches every exception.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+# Megatron-Core releases mrl has been tested against. mrl reaches into a few Megatron internals
+# (the RNG tracker, CUDA device literals on CPU, the schedules' loss scaling), so an untested
+# release is refused instead of silently misbehaving.
+MCORE_TESTED_VERSIONS: tuple[str, ...] = ("0.16.1",)
+
+# Escape hatch for trying a new release on purpose; not for production runs.
+ALLOW_UNTESTED_ENV = "MRL_ALLOW_UNTESTED_MEGATRON"
+
+
+def megatron_version() -> str:
+    """The installed megatron-core version string (e.g. ``"0.16.1"``)."""
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def require_tested_megatron() -> str:
+    """Return the installed megatron-core version, or raise if mrl was not tested against it."""
+    found = megatron_version()
+    if found not in MCORE_TESTED_VERSIONS and os.environ.get(ALLOW_UNTESTED_ENV) != "1":
+        raise RuntimeError(
+            f"mrl was tested with megatron-core {', '.join(MCORE_TESTED_VERSIONS)} but "
+            f"megatron-core {found} is installed. Install megatron-core=="
+            f"{MCORE_TESTED_VERSIONS[-1]}, or set {ALLOW_UNTESTED_ENV}=1 to try {found} anyway."
+        )
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(module: str) -> tuple[ModuleType | None, str]:
+    """Import ``module`` if it is installed and importable; return (module, why-not)."""
+    if importlib.util.find_spec(module) is None:
+        return None, f"{module} is not installed"
+    try:
+        return importlib.import_module(module), ""
+    except Exception as exc:  # a broken TE install raises RuntimeError, not ImportError
+        return None, f"{module} is installed but fails to import ({type(exc).__name__}: {exc})"
+
+
+def te_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports."""
+    return _probe("transformer_engine.pytorch")[0] is not None
+
+
+def import_transformer_engine(purpose: str) -> ModuleType:
+    """Import ``transformer_engine.pytorch`` for ``purpose`` or raise a clear ``RuntimeError``."""
+    module, why = _probe("transformer_engine.pytorch")
+    if module is None:
+        raise RuntimeError(
+            f"{purpose} needs NVIDIA Transformer Engine on a CUDA machine, but {why}. "
+            "Install mrl with the 'gpu' extra (pip install 'mrl[gpu]') on a GPU node."
+        )
+    return module
+
+
+def te_version() -> str | None:
+    """Installed Transformer Engine version, or None."""
+    module, _ = _probe("transformer_engine")
+    return getattr(module, "__version__", None) if module is not None else None
+
+
+def apex_available() -> bool:
+    """True when NVIDIA apex (a source build) imports."""
+    return _probe("apex")[0] is not None
+
+
+def gpt_layer_spec(*, use_te: bool, normalization: str, qk_layernorm: bool):
+    """Megatron-Core's GPT layer spec: Transformer Engine layers or its local (torch) layers."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        import_transformer_engine("The Transformer Engine layer spec")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        normalization=normalization, qk_layernorm=qk_layernorm
+    )

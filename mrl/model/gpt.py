@@ -1,0 +1,63 @@
+"""``PolicyGPT``: Megatron-Core's GPTModel with fp32 logits and an optional value head.
+
+Only the post-processing of the last pipeline stage differs from ``GPTModel``:
+
+* logits can be computed in fp32 (fp32 GEMM on upcast hidden states and weights) so RL log-probs
+  match an fp32 inference engine even when the model runs in BF16;
+* a value head ``v = w·h + b`` on the final (normed) hidden states gives a replicated scalar per
+  token for PPO critics.
+
+The last stage returns vocab-sharded logits ``[b, s, V/tp]`` and, with a value head, the values
+``[b, s]`` as a tuple. Earlier stages return hidden states ``[s, b, h]`` as GPTModel does.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+
+class PolicyGPT(GPTModel):
+    """GPTModel whose last stage returns ``logits`` or ``(logits, values)``."""
+
+    def __init__(self, *args, logits_fp32: bool = True, value_head: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logits_fp32 = logits_fp32
+        self.value_head = None
+        if value_head and self.post_process:
+            # Replicated over TP: every TP rank sees the full hidden state and computes the same
+            # value, so its gradients agree and need no reduction.
+            self.value_head = torch.nn.Linear(self.config.hidden_size, 1, dtype=self.config.params_dtype)
+            torch.nn.init.normal_(self.value_head.weight, std=self.config.init_method_std)
+            torch.nn.init.zeros_(self.value_head.bias)
+
+    def _postprocess(self, hidden_states, *args, runtime_gather_output=None, **kwargs):
+        if not self.post_process:
+            return hidden_states
+        if self.config.mtp_num_layers is not None:
+            raise ValueError("multi-token prediction is not supported by mrl's policy model")
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else self.output_layer.weight
+        )
+        if self.logits_fp32:
+            logits, _ = self.output_layer(hidden_states.float(), weight=weight.float(),
+                                          runtime_gather_output=runtime_gather_output)
+        else:
+            logits, _ = self.output_layer(hidden_states, weight=weight,
+                                          runtime_gather_output=runtime_gather_output)
+        logits = logits.transpose(0, 1).contiguous()  # [s, b, V/tp] -> [b, s, V/tp]
+        if self.value_head is None:
+            return logits
+        full = hidden_states
+        if self.config.sequence_parallel:
+            # Replicated consumer: the backward only splits the gradient (no reduce-scatter).
+            full = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.pg_collection.tp
+            )
+        values = torch.nn.functional.linear(
+            full.float(), self.value_head.weight.float(), self.value_head.bias.float()
+        ).squeeze(-1)  # [s, b]
+        return logits, values.transpose(0, 1).contiguous()  # [b, s]

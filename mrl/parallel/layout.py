@@ -1,0 +1,260 @@
+"""The parallel layout: degrees, their validation, and the process groups built from them.
+
+``ParallelLayout`` is the one object that holds the TP/PP/virtual-PP/CP/DP degrees and the process
+groups (a Megatron-Core ``ProcessGroupCollection``). It is created once from a ``ParallelConfig``
+and the world size and passed explicitly to whatever needs a group. Megatron-Core still keeps its
+own ``parallel_state`` globals (its layers read them); the layout is built on top of them and is
+the only place in mrl that creates or destroys them.
+
+Rank order is Megatron's default ``tp-cp-ep-dp-pp``: TP ranks are adjacent, PP stages are farthest
+apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. Their product tp·pp·cp·dp must equal the number of ranks."""
+
+    tp: int = 1
+    """Tensor-parallel degree: each linear layer (and the vocabulary) is split over this many ranks."""
+
+    pp: int = 1
+    """Pipeline-parallel degree: the layers are split into this many consecutive stages."""
+
+    vpp: int | None = None
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); None disables interleaving."""
+
+    cp: int = 1
+    """Context-parallel degree (sequence split across ranks inside attention); GPU only."""
+
+    dp: int | None = None
+    """Data-parallel degree; None derives it as world_size / (tp·pp·cp)."""
+
+    sequence_parallel: bool = False
+    """Shard activations along the sequence inside TP regions (needs tp > 1)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
+        if self.dp is not None and (not isinstance(self.dp, int) or self.dp < 1):
+            raise ValueError(f"parallel.dp must be a positive integer or null, got {self.dp!r}")
+        if self.vpp is not None:
+            if not isinstance(self.vpp, int) or self.vpp < 1:
+                raise ValueError(f"parallel.vpp must be a positive integer or null, got {self.vpp!r}")
+            if self.pp < 2:
+                raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2, got pp={self.pp}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1, got tp=1")
+
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one replica of the model: tp·pp·cp."""
+        return self.tp * self.pp * self.cp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The DP degree for ``world_size`` ranks; raises ``ValueError`` listing every degree."""
+        mp = self.model_parallel_size()
+        if self.dp is not None:
+            if mp * self.dp != world_size:
+                raise ValueError(
+                    f"parallel degrees tp={self.tp} × pp={self.pp} × cp={self.cp} × dp={self.dp} "
+                    f"= {mp * self.dp} do not match the world size {world_size}"
+                )
+            return self.dp
+        if world_size % mp != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp={self.tp} × pp={self.pp} × "
+                f"cp={self.cp} = {mp}, so no data-parallel degree dp fits"
+            )
+        return world_size // mp
+
+    def world_size(self) -> int | None:
+        """The number of ranks this layout needs, when dp is given."""
+        return None if self.dp is None else self.model_parallel_size() * self.dp
+
+
+def check_model_divisibility(
+    config: ParallelConfig,
+    *,
+    num_layers: int,
+    num_attention_heads: int,
+    num_query_groups: int | None = None,
+    padded_vocab_size: int | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the numbers when the model does not split over the layout."""
+    groups = num_query_groups or num_attention_heads
+    if num_attention_heads % groups != 0:
+        raise ValueError(
+            f"num_attention_heads={num_attention_heads} is not divisible by "
+            f"num_query_groups={groups}"
+        )
+    if num_attention_heads % config.tp != 0:
+        raise ValueError(
+            f"num_attention_heads={num_attention_heads} is not divisible by tensor-parallel "
+            f"degree tp={config.tp}"
+        )
+    if groups % config.tp != 0:
+        raise ValueError(
+            f"num_query_groups={groups} is not divisible by tensor-parallel degree tp={config.tp}"
+        )
+    if padded_vocab_size is not None and padded_vocab_size % config.tp != 0:
+        raise ValueError(
+            f"vocabulary size {padded_vocab_size} is not divisible by tensor-parallel degree "
+            f"tp={config.tp}"
+        )
+    stages = config.pp * (config.vpp or 1)
+    if num_layers % stages != 0:
+        raise ValueError(
+            f"num_layers={num_layers} is not divisible by pp={config.pp} × vpp={config.vpp or 1} "
+            f"= {stages} pipeline stages"
+        )
+
+
+class ParallelLayout:
+    """Degrees, ranks and process groups of one run. Build with ``ParallelLayout.initialize``."""
+
+    def __init__(self, config: ParallelConfig, world_size: int, rank: int, groups) -> None:
+        self.config = config
+        self.world_size = world_size
+        self.rank = rank
+        self.tp, self.pp, self.cp = config.tp, config.pp, config.cp
+        self.vpp = config.vpp
+        self.dp = config.data_parallel_size(world_size)
+        self.groups = groups  # megatron.core.process_groups_config.ProcessGroupCollection
+
+    @classmethod
+    def initialize(cls, config: ParallelConfig, *, timeout_minutes: float = 30.0) -> "ParallelLayout":
+        """Create Megatron-Core's process groups for ``config`` on the running default group."""
+        from megatron.core import parallel_state
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized; call init_process_group first")
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        config.data_parallel_size(world_size)  # validate before creating any group
+        if parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("a parallel layout is already initialized in this process; destroy it first")
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=config.tp,
+            pipeline_model_parallel_size=config.pp,
+            virtual_pipeline_model_parallel_size=config.vpp,
+            context_parallel_size=config.cp,
+            distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)),
+            # On gloo every group already is a gloo group; duplicates would only cost sockets.
+            create_gloo_process_groups=dist.get_backend() != "gloo",
+        )
+        groups = ProcessGroupCollection.use_mpu_process_groups()
+        return cls(config, world_size, rank, groups)
+
+    # Ranks and groups -------------------------------------------------------------------------
+
+    @property
+    def tp_group(self):
+        return self.groups.tp
+
+    @property
+    def pp_group(self):
+        return self.groups.pp
+
+    @property
+    def cp_group(self):
+        return self.groups.cp
+
+    @property
+    def dp_group(self):
+        """Data-parallel group without context parallelism (ranks holding different data)."""
+        return self.groups.dp
+
+    @property
+    def dp_cp_group(self):
+        """Data- and context-parallel group: the group gradients are reduced over."""
+        return self.groups.dp_cp
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.groups.tp)
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.groups.pp)
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.groups.dp)
+
+    @property
+    def cp_rank(self) -> int:
+        return dist.get_rank(self.groups.cp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def uses_gloo_groups_only(self) -> bool:
+        """True when the default backend is gloo, so no separate gloo groups were created."""
+        return dist.get_backend() == "gloo"
+
+    def describe(self) -> str:
+        return (
+            f"world={self.world_size} tp={self.tp} pp={self.pp} vpp={self.vpp} cp={self.cp} "
+            f"dp={self.dp} sp={self.config.sequence_parallel}"
+        )
+
+    # RNG and teardown -------------------------------------------------------------------------
+
+    def seed(self, seed: int) -> None:
+        """Seed torch and Megatron's RNG tracker (per-TP-rank model-parallel stream)."""
+        from mrl.parallel.cpu import cpu_execution_enabled, cpu_model_parallel_seed
+
+        if cpu_execution_enabled():
+            cpu_model_parallel_seed(seed, tp_rank=self.tp_rank)
+        else:
+            from megatron.core import tensor_parallel
+
+            torch.manual_seed(seed)
+            tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+    def destroy(self) -> None:
+        """Destroy the process groups this layout created and reset Megatron's parallel state."""
+        destroy_parallel_state()
+
+
+def destroy_parallel_state() -> None:
+    """Destroy every process group in Megatron's parallel state, then reset that state."""
+    from megatron.core import parallel_state
+
+    for group in _parallel_state_groups(parallel_state):
+        dist.destroy_process_group(group)
+    parallel_state.destroy_model_parallel()
+
+
+def _parallel_state_groups(parallel_state) -> list:
+    """Every distinct process group Megatron's parallel state holds, except the default group."""
+    seen: dict[int, object] = {}
+    for value in vars(parallel_state).values():
+        candidates = value if isinstance(value, (list, tuple)) else [value]
+        for group in candidates:
+            if isinstance(group, dist.ProcessGroup) and group is not dist.GroupMember.WORLD:
+                seen.setdefault(id(group), group)
+    return list(seen.values())
+
+
+def init_distributed(backend: str, timeout: timedelta = timedelta(minutes=30)) -> None:
+    """Initialize torch.distributed from the launcher's environment (RANK, WORLD_SIZE, MASTER_*)."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timeout)
