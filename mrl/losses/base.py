@@ -1,0 +1,211 @@
+"""The loss interface: batch keys, global denominators, shared config fields, input checks.
+
+Calling convention. Every loss object is called once per micro-batch as
+
+    loss, metrics = loss_fn(output, batch, counts, group)
+
+- ``output``: the model's output for the micro-batch: the logits ``[B, S, V/tp]`` (this rank's
+  vocabulary shard of the TP group ``group``), or the tuple ``(logits, values)`` when the model
+  has a value head, ``values`` ``[B, S]`` (the PPO critic). A loss that needs values raises
+  ``ValueError`` when it gets bare logits; one that does not ignores them.
+- ``batch``: dict of tensors, keys below (``BATCH_KEYS``).
+- ``counts``: ``GlobalCounts`` of the whole step, from ``compute_global_counts`` (sums over every
+  micro-batch and DP rank). Each loss divides by these, so the trainer SUMS the micro-batch losses
+  and gets the global mean, the same for every TP size, micro-batch count and DP size.
+- ``group``: the TP process group the logits are sharded over (None: unsharded).
+
+It returns the scalar loss (a fragment of the global mean) and ``dict[str, Metric]`` to feed a
+``MetricsAccumulator``. Each loss declares ``required_keys`` (missing ones raise ``ValueError``
+naming them) and ``normalizer`` ("tokens", "seqs" or "pairs"), the count its loss is divided by.
+
+Valid tokens are those with ``labels != ignore_index`` and, when given, ``loss_mask != 0``.
+
+Input checks. Shapes and keys are checked on the host (free). Values (labels inside the
+vocabulary, finite advantages / log-probs / returns at valid tokens) are checked with ONE combined
+device reduction and one host sync per micro-batch; set ``validate: false`` in the loss config to
+skip it on a GPU run that cannot afford the sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100
+
+BATCH_KEYS: dict[str, str] = {
+    "labels": "[B, S] int: global next-token ids; ignore_index where there is no loss (required)",
+    "loss_mask": "[B, S] 0/1: optional further mask (e.g. prompt tokens 0, response tokens 1)",
+    "advantages": "[B, S] or [B] float: advantages (per token, or per sequence broadcast over tokens)",
+    "old_logprobs": "[B, S] float: log π_old(label) of the policy the PPO ratio is taken against",
+    "ref_logprobs": "[B, S] float: log π_ref(label) of the reference model (sampled KL estimators, DPO)",
+    "ref_logits": "[B, S, V/tp] float: reference / teacher logits, sharded like the logits (exact KL)",
+    "behaviour_logprobs": "[B, S] float: log-probs of the policy that generated the data (off-policy IS)",
+    "returns": "[B, S] float: value targets of the critic",
+    "old_values": "[B, S] float: critic values at rollout time (value clipping)",
+    "ref_seq_logps": "[B] float: DPO reference log-prob of each row, reduced like the policy's",
+}
+"""Documented batch keys. DPO rows are paired: row 2i is chosen, row 2i + 1 rejected."""
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """Denominators of one training step, summed over every micro-batch and DP rank."""
+
+    num_tokens: int
+    """Valid tokens (``labels != ignore_index`` and ``loss_mask``) in the global batch."""
+
+    num_seqs: int
+    """Rows with at least one valid token in the global batch."""
+
+    num_pairs: int | None = None
+    """DPO pairs (rows 2i, 2i + 1) with valid tokens in both rows; None unless computed ``paired``."""
+
+
+def token_mask(batch: Mapping[str, torch.Tensor], ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The [B, S] bool mask of valid tokens: ``labels != ignore_index`` and ``loss_mask != 0``."""
+    if "labels" not in batch:
+        raise ValueError("batch is missing required key 'labels'")
+    labels = batch["labels"]
+    if labels.dim() != 2:
+        raise ValueError(f"batch['labels'] must be [B, S], got shape {tuple(labels.shape)}")
+    mask = labels != ignore_index
+    if "loss_mask" in batch:
+        loss_mask = batch["loss_mask"]
+        if loss_mask.shape != labels.shape:
+            raise ValueError(
+                f"batch['loss_mask'] has shape {tuple(loss_mask.shape)}, expected {tuple(labels.shape)} like labels"
+            )
+        mask = mask & (loss_mask != 0)
+    return mask
+
+
+def pair_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B/2] bool: pairs (rows 2i, 2i + 1) whose both rows have a valid token."""
+    if mask.shape[0] % 2 != 0:
+        raise ValueError(f"paired (DPO) batches need an even number of rows, got {mask.shape[0]}")
+    row_valid = mask.any(-1)  # [B]
+    return row_valid[0::2] & row_valid[1::2]
+
+
+def compute_global_counts(
+    micro_batches: Sequence[Mapping[str, torch.Tensor]],
+    group=None,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    paired: bool = False,
+) -> GlobalCounts:
+    """Count valid tokens / sequences (/ pairs) of this rank's micro-batches, summed over ``group``.
+
+    ``group`` is the DP group (None: one rank). One all-reduce and one host sync per step.
+    """
+    if not micro_batches:
+        raise ValueError("compute_global_counts needs at least one micro-batch")
+    device = micro_batches[0]["labels"].device if "labels" in micro_batches[0] else None
+    totals = torch.zeros(3, dtype=torch.int64, device=device)  # tokens, seqs, pairs
+    for batch in micro_batches:
+        mask = token_mask(batch, ignore_index)  # [B, S]
+        pairs = pair_mask(mask).sum() if paired else torch.zeros((), dtype=torch.int64, device=device)
+        totals += torch.stack([mask.sum(), mask.any(-1).sum(), pairs]).to(totals)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+    tokens, seqs, pairs = totals.tolist()
+    return GlobalCounts(num_tokens=tokens, num_seqs=seqs, num_pairs=pairs if paired else None)
+
+
+@dataclass
+class LossConfigBase:
+    """Fields shared by every loss config."""
+
+    ignore_index: int = IGNORE_INDEX
+    """Label value marking tokens without loss."""
+
+    chunk_size: int | None = None
+    """Tokens per chunk in the vocab-parallel ops (bounds their fp32 temporaries); None = one chunk."""
+
+    validate: bool = True
+    """Check input values (labels in the vocabulary, finite advantages / log-probs) each micro-batch,
+    at the cost of one device-to-host sync; shapes and keys are always checked."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"loss.chunk_size must be a positive integer or null, got {self.chunk_size!r}")
+        if not isinstance(self.validate, bool):
+            raise ValueError(f"loss.validate must be true or false, got {self.validate!r}")
+
+
+def split_model_output(output) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logits, values)`` from a model output that is logits or a ``(logits, values)`` tuple."""
+    if isinstance(output, torch.Tensor):
+        return output, None
+    if isinstance(output, (tuple, list)) and len(output) == 2:
+        return output[0], output[1]
+    raise ValueError("model output must be the logits tensor or a (logits, values) tuple")
+
+
+def require_keys(batch: Mapping[str, torch.Tensor], keys: Sequence[str], loss_name: str) -> None:
+    """Raise ``ValueError`` naming every key of ``keys`` missing from ``batch``."""
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise ValueError(f"{loss_name} loss: batch is missing required key(s) {missing}")
+
+
+def check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Logits must be [B, S, V/tp] over the same [B, S] as the labels."""
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits must be [B, S, V/tp] with [B, S] = labels' {tuple(labels.shape)}, got {tuple(logits.shape)}"
+        )
+
+
+def check_shape(batch: Mapping[str, torch.Tensor], key: str, *shapes: torch.Size | tuple) -> torch.Tensor:
+    """``batch[key]`` after checking its shape is one of ``shapes``."""
+    tensor = batch[key]
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) not in [tuple(s) for s in shapes]:
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"batch[{key!r}] must have shape {' or '.join(str(tuple(s)) for s in shapes)}, got {got}")
+    return tensor
+
+
+def vocab_limit(logits: torch.Tensor, group, vocab_size: int | None) -> int:
+    """The number of valid label ids: ``vocab_size`` or the padded vocabulary V/tp · tp."""
+    tp = 1 if group is None else dist.get_world_size(group)
+    return logits.shape[-1] * tp if vocab_size is None else vocab_size
+
+
+def check_values(
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    num_labels: int,
+    tensors: Mapping[str, torch.Tensor],
+) -> None:
+    """One combined device check, one host sync: labels in [0, num_labels) at valid tokens and every
+    tensor of ``tensors`` finite at valid tokens (``[B]`` tensors: in rows with a valid token).
+    Raises ``ValueError`` naming each offending tensor."""
+    names = ["labels"]
+    flags = [(mask & ((labels < 0) | (labels >= num_labels))).any()]
+    row_valid = mask.any(-1)  # [B]
+    for name, tensor in tensors.items():
+        where = mask if tensor.shape == mask.shape else row_valid
+        names.append(name)
+        flags.append((where & ~torch.isfinite(tensor)).any())
+    bad = torch.stack(flags)
+    if not bool(bad.any()):
+        return
+    offending = [name for name, flag in zip(names, bad.tolist()) if flag]
+    details = []
+    for name in offending:
+        if name == "labels":
+            details.append(f"labels outside the vocabulary [0, {num_labels})")
+        else:
+            details.append(f"{name} has NaN/inf at valid positions")
+    raise ValueError("invalid loss inputs: " + "; ".join(details))
+
+
+def masked_fill_invalid(tensor: torch.Tensor, mask: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """``tensor`` with ``value`` at invalid positions, so NaN/inf padding never reaches the backward."""
+    where = mask if tensor.shape == mask.shape else mask.any(-1)
+    return torch.where(where, tensor, torch.full_like(tensor, value))

@@ -1,0 +1,299 @@
+"""Masked arithmetic over per-token log-probs: the functional core of every loss.
+
+Nothing here communicates. Layout invariance comes from the denominators: a caller that passes the
+GLOBAL counts (``num_tokens``, ``num_seqs``, ``num_pairs``: totals over every micro-batch and DP
+rank of the step) gets back ``local_sum / global_count``, so the sum of the results over
+micro-batches and ranks is the global mean. Without them the local counts are used. A count of 0
+(all-masked input) gives 0, never NaN.
+
+Shapes: per-token tensors are ``[B, S]`` (leading dims count as sequences, the last dim is tokens)
+with a 0/1 ``mask`` of the same shape; advantages are ``[B, S]`` or ``[B]``; DPO inputs are
+per-pair ``[P]``. Metrics come back as ``dict[str, Metric]`` (``mrl.losses.metrics``); token
+metrics are token means (divided by ``num_tokens``) whatever the loss's aggregation mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mrl.losses.metrics import Metric, Metrics, masked_max, masked_min
+
+AGG_MODES: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
+DPO_KINDS: tuple[str, ...] = ("sigmoid", "ipo")
+
+# |log-ratio| bound before exp() in the policy ratio: exp(20) ≈ 5e8 lies far outside any clip
+# range, and the bound keeps inf out of the backward pass (0·inf = NaN).
+MAX_LOG_RATIO = 20.0
+
+
+def _safe_div(total: torch.Tensor, count) -> torch.Tensor:
+    """``total / count`` with a count of 0 read as 1 (the total is then 0 too)."""
+    if isinstance(count, torch.Tensor):
+        count = count.to(total.dtype)
+        return total / torch.where(count > 0, count, torch.ones_like(count))
+    return total / (count if count > 0 else 1)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ values·mask, with values at masked positions ignored even when they are inf/NaN."""
+    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
+
+
+def token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
+    """Σ values·mask / N, N = ``num_tokens`` if given else Σ mask."""
+    return _safe_div(masked_sum(values, mask), mask.sum() if num_tokens is None else num_tokens)
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    num_tokens=None,
+    num_seqs=None,
+    *,
+    norm_length: int | None = None,
+) -> torch.Tensor:
+    """Reduce per-token ``values`` [B, S] to a scalar under ``mask``.
+
+    - ``token-mean``: Σ x·m / N (N = ``num_tokens`` or Σ m);
+    - ``seq-mean-token-mean``: Σ_i (Σ_t x·m / Σ_t m) / M (M = ``num_seqs`` or the number of rows
+      with a valid token);
+    - ``seq-mean-token-sum``: Σ x·m / M;
+    - ``seq-mean-token-sum-norm``: Σ x·m / (M·L), a constant normaliser with L = ``norm_length``
+      (default: S). Pass the same L for every micro-batch, e.g. the maximum response length.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"aggregation mode must be one of {AGG_MODES}, got {mode!r}")
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ in shape")
+    mask = mask.bool()
+    masked = torch.where(mask, values, torch.zeros_like(values))  # [B, S]
+    if mode == "token-mean":
+        return _safe_div(masked.sum(), mask.sum() if num_tokens is None else num_tokens)
+    tokens_per_seq = mask.sum(-1)  # [B]
+    seqs = (tokens_per_seq > 0).sum() if num_seqs is None else num_seqs
+    if mode == "seq-mean-token-mean":
+        per_seq = masked.sum(-1) / tokens_per_seq.clamp_min(1).to(values.dtype)  # [B]
+        return _safe_div(per_seq.sum(), seqs)
+    if mode == "seq-mean-token-sum":
+        return _safe_div(masked.sum(), seqs)
+    length = values.shape[-1] if norm_length is None else norm_length
+    return _safe_div(masked.sum(), seqs) / length
+
+
+def kl_estimate(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    kind: str,
+    *,
+    log_ratio_clamp: float | None = None,
+    output_clamp: float | None = None,
+) -> torch.Tensor:
+    """Per-token estimate of KL(π || π_ref) from samples of π.
+
+    With logr = ref − logprobs (optionally clamped to ±``log_ratio_clamp``):
+    k1 = −logr, k2 = logr²/2, k3 = exp(logr) − 1 − logr; the result is optionally clamped to
+    ±``output_clamp``.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"KL estimator must be one of {KL_KINDS}, got {kind!r}")
+    log_ratio = ref_logprobs - logprobs
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    if kind == "k1":
+        kl = -log_ratio
+    elif kind == "k2":
+        kl = 0.5 * log_ratio.square()
+    else:
+        kl = torch.expm1(log_ratio) - log_ratio
+    if output_clamp is not None:
+        kl = kl.clamp(-output_clamp, output_clamp)
+    return kl
+
+
+def broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sequence advantages [B] expanded to ``like``'s [B, S]; per-token ones unchanged."""
+    if advantages.shape == like.shape:
+        return advantages
+    if advantages.shape == like.shape[:-1]:
+        return advantages.unsqueeze(-1).expand_as(like)
+    raise ValueError(
+        f"advantages must have shape {tuple(like.shape)} or {tuple(like.shape[:-1])}, "
+        f"got {tuple(advantages.shape)}"
+    )
+
+
+def clipped_pg_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens=None,
+    num_seqs=None,
+    norm_length: int | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """PPO clipped surrogate, aggregated with ``agg``.
+
+    r = exp(logprobs − old), ℓ = max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high)); with
+    ``dual_clip`` = c > 1, ℓ = min(ℓ, −c·A) where A < 0. ``weights`` (detached, e.g. importance
+    weights) multiply ℓ per token. log r is bounded by ±20 before exp.
+
+    Metrics (token means): ``clip_frac_low`` (A < 0 and r < 1 − clip_low: the lower bound is
+    active), ``clip_frac_high`` (A > 0 and r > 1 + clip_high), ``dual_clip_frac`` (with
+    ``dual_clip``), ``ratio_mean``/``ratio_min``/``ratio_max`` and ``approx_kl`` = mean of
+    r − 1 − log r, the k3 estimate of KL(π_old || π).
+    """
+    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+            f"{tuple(mask.shape)} must have the same shape"
+        )
+    mask = mask.bool()
+    zeros = torch.zeros_like(logprobs)
+    # Values at masked positions are replaced, so NaN/inf padding cannot reach the backward.
+    advantages = torch.where(mask, broadcast_advantages(advantages, logprobs), zeros)  # [B, S]
+    log_ratio = torch.where(mask, logprobs - old_logprobs, zeros).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+    metrics: Metrics = {}
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        dual_active = (advantages < 0) & (per_token > bound)
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, bound), per_token)
+        metrics["dual_clip_frac"] = Metric.mean_fragment(token_mean(dual_active.to(ratio.dtype), mask, num_tokens))
+    if weights is not None:
+        per_token = per_token * torch.where(mask, weights, zeros)
+    loss = aggregate(per_token, mask, agg, num_tokens, num_seqs, norm_length=norm_length)
+
+    with torch.no_grad():
+        low = (advantages < 0) & (ratio < 1.0 - clip_low)
+        high = (advantages > 0) & (ratio > 1.0 + clip_high)
+        metrics["clip_frac_low"] = Metric.mean_fragment(token_mean(low.to(ratio.dtype), mask, num_tokens))
+        metrics["clip_frac_high"] = Metric.mean_fragment(token_mean(high.to(ratio.dtype), mask, num_tokens))
+        metrics["ratio_mean"] = Metric.mean_fragment(token_mean(ratio, mask, num_tokens))
+        metrics["ratio_min"] = masked_min(ratio, mask)
+        metrics["ratio_max"] = masked_max(ratio, mask)
+        metrics["approx_kl"] = Metric.mean_fragment(token_mean(torch.expm1(log_ratio) - log_ratio, mask, num_tokens))
+    return loss, metrics
+
+
+def sequence_level_old_logprobs(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Old log-probs that turn ``clipped_pg_loss``'s token ratios into GSPO sequence ratios.
+
+    Returns o with logprobs − o = sg(s_i) + logprobs − sg(logprobs), where
+    s_i = mean_t (logprobs − old) over the valid tokens of sequence i (a length-normalised
+    sequence log-ratio): every token of sequence i gets ratio exp(s_i), and its gradient is
+    exp(s_i)·∇log π(y_t) (the GSPO-token form; with per-sequence advantages it equals GSPO).
+    """
+    mask = mask.bool()
+    with torch.no_grad():
+        diff = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # [B, S]
+        seq_log_ratio = diff.sum(-1) / mask.sum(-1).clamp_min(1).to(logprobs.dtype)  # [B]
+        return logprobs - seq_log_ratio.unsqueeze(-1)
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    num_pairs=None,
+    pair_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Preference loss over pairs [P], averaged over ``num_pairs`` (default: valid pairs).
+
+    Δ = (chosen − ref_chosen) − (rejected − ref_rejected);
+    sigmoid: −(1 − ε)·log σ(βΔ) − ε·log σ(−βΔ) (ε = ``label_smoothing``); ipo: (Δ − 1/(2β))².
+    ``pair_mask`` [P] drops pairs (padding). Metrics (pair means): ``accuracy`` (Δ > 0),
+    ``reward_margin`` (βΔ), ``chosen_reward`` / ``rejected_reward`` (β·log-ratio).
+    """
+    if kind not in DPO_KINDS:
+        raise ValueError(f"DPO loss kind must be one of {DPO_KINDS}, got {kind!r}")
+    if kind != "sigmoid" and label_smoothing != 0.0:
+        raise ValueError(f"label_smoothing only applies to the sigmoid DPO loss, got kind={kind!r}")
+    shapes = {t.shape for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    if len(shapes) != 1 or chosen_logps.dim() != 1:
+        raise ValueError(f"DPO inputs must be 1-d tensors of one shape [P], got shapes {sorted(map(tuple, shapes))}")
+    valid = torch.ones_like(chosen_logps, dtype=torch.bool) if pair_mask is None else pair_mask.bool()
+    zeros = torch.zeros_like(chosen_logps)
+    chosen_ratio = torch.where(valid, chosen_logps - ref_chosen_logps, zeros)  # [P]
+    rejected_ratio = torch.where(valid, rejected_logps - ref_rejected_logps, zeros)  # [P]
+    delta = chosen_ratio - rejected_ratio  # [P]
+    if kind == "sigmoid":
+        per_pair = -(1.0 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    else:
+        per_pair = (delta - 1.0 / (2.0 * beta)).square()
+    pairs = valid.sum() if num_pairs is None else num_pairs
+    loss = _safe_div(masked_sum(per_pair, valid), pairs)
+
+    def pair_mean(x: torch.Tensor) -> Metric:
+        return Metric.mean_fragment(_safe_div(masked_sum(x.detach(), valid), pairs))
+
+    metrics: Metrics = {
+        "accuracy": pair_mean((delta > 0).to(delta.dtype)),
+        "reward_margin": pair_mean(beta * delta),
+        "chosen_reward": pair_mean(beta * chosen_ratio),
+        "rejected_reward": pair_mean(beta * rejected_ratio),
+    }
+    return loss, metrics
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    normalize_std: bool = True,
+    leave_one_out: bool = False,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, Metrics]:
+    """GRPO advantages for ``rewards`` [N], N = G·group_size, groups contiguous.
+
+    A_i = r_i − b_i with b_i the group mean, or with ``leave_one_out`` the mean of the OTHER
+    members (RLOO: A_i = K/(K−1)·(r_i − mean)); with ``normalize_std`` A_i /= (std_g + eps),
+    std_g the unbiased group standard deviation. Groups whose rewards are all equal get
+    advantage exactly 0. Metrics: ``groups`` and ``zero_variance_groups`` (counts).
+    """
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards must be a 1-d tensor whose length is a multiple of group_size={group_size}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    if leave_one_out and group_size < 2:
+        raise ValueError("leave_one_out needs group_size >= 2")
+    grouped = rewards.reshape(-1, group_size)  # [G, K]
+    if leave_one_out:
+        baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
+    else:
+        baseline = grouped.mean(-1, keepdim=True)
+    advantages = grouped - baseline  # [G, K]
+    if normalize_std and group_size > 1:
+        advantages = advantages / (grouped.std(-1, keepdim=True, correction=1) + eps)
+    zero_variance = grouped.amax(-1) == grouped.amin(-1)  # [G]
+    advantages = torch.where(zero_variance.unsqueeze(-1), torch.zeros_like(advantages), advantages)
+    metrics: Metrics = {
+        "groups": Metric.count(torch.tensor(grouped.shape[0], device=rewards.device)),
+        "zero_variance_groups": Metric.count(zero_variance.sum()),
+    }
+    return advantages.reshape(-1), metrics
