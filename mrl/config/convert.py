@@ -26,7 +26,7 @@ import types
 import typing
 from typing import Any, Literal, Mapping, Optional, Union
 
-from mrl.config.errors import KeyPath, Source, format_path
+from mrl.config.errors import Index, KeyPath, Source, format_path
 from mrl.config.recipe import Resolved
 
 _NUMBER = re.compile(r"^\s*[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?\s*$")
@@ -92,12 +92,12 @@ class Converter:
         return self.resolved.source_of(path) or self.fallback
 
     def _where(self, path: KeyPath) -> str:
-        """" in configs/x.yaml", " on the command line ('a.b=1')" or ""."""
+        """A phrase for after a key: ' in configs/x.yaml', " on the command line ('a.b=1')", or ''."""
         source = self._source(path)
         return f" {source.location()}" if source and source.location() else ""
 
     def _set_where(self, path: KeyPath) -> str:
-        """Like ``_where`` after a value: ", set in configs/x.yaml"."""
+        """Like ``_where``, for after a value: ', set in configs/x.yaml'."""
         source = self._source(path)
         if source is None or not source.location():
             return ""
@@ -118,7 +118,7 @@ class Converter:
         if origin in (Union, types.UnionType):
             return self._union(tp, args, value, path)
         if origin is Literal:
-            return self._literal(tp, args, value, path)
+            return self._literal(args, value, path)
         if is_dataclass_type(tp):
             return self._dataclass(tp, value, path)
         if tp in (list, tuple) or origin in SEQUENCE_ORIGINS:
@@ -142,7 +142,7 @@ class Converter:
             return value
         return self._type_error(path, tp, value)
 
-    def _literal(self, tp: Any, allowed: tuple, value: Any, path: KeyPath) -> Any:
+    def _literal(self, allowed: tuple, value: Any, path: KeyPath) -> Any:
         for choice in allowed:
             if type(choice) is type(value) and choice == value:
                 return choice
@@ -158,18 +158,19 @@ class Converter:
     def _union(self, tp: Any, members: tuple, value: Any, path: KeyPath) -> Any:
         if value is None and type(None) in members:
             return None
-        members = tuple(m for m in members if m is not type(None))
-        if len(members) == 1:
-            return self.convert(members[0], value, path)
-        shaped = [m for m in members if _accepts_shape(m, value)]
+        candidates = [m for m in members if m is not type(None)]
+        shaped = [m for m in candidates if _accepts_shape(m, value)]
         if len(shaped) == 1 and isinstance(value, (Mapping, list, tuple)):
             return self.convert(shaped[0], value, path)  # detailed errors from the one candidate
         for strict in (True, False):
-            for member in members:
+            for member in candidates:
                 trial = Converter(self.resolved, fallback=self.fallback, strict=strict or self.strict)
                 result = trial.convert(member, value, path)
                 if not trial.issues:
                     return result
+        if all(m is type(None) or typing.get_origin(m) is Literal for m in members):
+            choices = tuple(a for m in members for a in (typing.get_args(m) or (None,)))
+            return self._literal(choices, value, path)
         return self._type_error(path, tp, value)
 
     def _sequence(self, tp: Any, kind: type, args: tuple, value: Any, path: KeyPath) -> Any:
@@ -185,7 +186,8 @@ class Converter:
             item_types = args
         else:
             item_types = (args[0] if args else Any,) * len(value)
-        items = [self.convert(t, v, (*path, i)) for i, (t, v) in enumerate(zip(item_types, value))]
+        items = [self.convert(item_type, item, (*path, Index(i)))
+                 for i, (item_type, item) in enumerate(zip(item_types, value))]
         if any(item is _INVALID for item in items):
             return _INVALID
         return tuple(items) if kind is tuple else items
@@ -194,14 +196,13 @@ class Converter:
         if not isinstance(value, Mapping):
             return self._type_error(path, tp, value)
         key_type, value_type = args if args else (Any, Any)
-        result = {}
+        result, valid = {}, True
         for key, item in value.items():
             new_key = self.convert(key_type, key, (*path, key))
             new_item = self.convert(value_type, item, (*path, key))
+            valid = valid and new_key is not _INVALID and new_item is not _INVALID
             result[new_key] = new_item
-        if any(k is _INVALID or v is _INVALID for k, v in result.items()):
-            return _INVALID
-        return result
+        return result if valid else _INVALID
 
     def _dataclass(self, cls: type, value: Any, path: KeyPath) -> Any:
         if isinstance(value, cls):

@@ -41,12 +41,16 @@ class Source:
         return self.file or "the given mapping"
 
 
-KeyPath = tuple  # a key path inside a config tree: str keys and int list indices
+class Index(int):
+    """A list position inside a ``KeyPath`` (a plain int there is a mapping key)."""
+
+
+KeyPath = tuple  # a key path inside a config tree: mapping keys and ``Index`` list positions
 
 
 def format_path(path: KeyPath) -> str:
-    """``('optim', 'betas', 0)`` → ``optim.betas[0]``."""
+    """``('optim', 'betas', Index(0))`` → ``optim.betas[0]``."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        text += f"[{part}]" if isinstance(part, Index) else (f".{part}" if text else str(part))
     return text or "<top level>"

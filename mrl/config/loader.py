@@ -47,5 +47,8 @@ def to_dict(config: Any) -> Any:
 
 
 def dump_yaml(config: Any) -> str:
-    """The fully resolved config as YAML; ``load_config(yaml.safe_load(text), type(config))`` gives it back."""
+    """The fully resolved config as YAML.
+
+    ``load_config(yaml.safe_load(text), type(config)) == config`` for the returned ``text``.
+    """
     return format_yaml(to_dict(config))
