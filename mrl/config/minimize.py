@@ -68,7 +68,7 @@ def minimize_recipe(recipe: str | os.PathLike, *, write: bool = False) -> Minimi
 
 
 def _find(recipe: str | os.PathLike) -> list[tuple[KeyPath, Redundant]]:
-    own, _, parents = load_with_parents(recipe)
+    own, parents = load_with_parents(recipe)
     found = []
     for path in _redundant_paths(own, parents.data, ()):
         source = parents.source_of(path)

@@ -66,14 +66,14 @@ def resolve_mapping(data: Mapping, *, base_dir: Path) -> Resolved:
     return _merge_onto_parents(data, Source(), parents, base_dir, referrer="the given mapping", stack=())
 
 
-def load_with_parents(path: str | os.PathLike) -> tuple[dict, list[str], Resolved]:
-    """A recipe's own keys (``defaults`` removed), its parent names, and its merged parents."""
+def load_with_parents(path: str | os.PathLike) -> tuple[dict, Resolved]:
+    """A recipe's own keys (``defaults`` removed) and its parents merged (without the recipe)."""
     path = Path(os.path.abspath(Path(path).expanduser()))
     data, parents = _read_recipe(path)
     real = path.resolve()
     merged = _merge_onto_parents({}, Source(), parents, path.parent, referrer=display_path(path),
                                  stack=(real,))
-    return data, parents, merged
+    return data, merged
 
 
 def _read_recipe(path: Path) -> tuple[dict, list[str]]:
