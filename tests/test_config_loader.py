@@ -355,7 +355,7 @@ def test_unknown_override_key_is_an_error_with_suggestion(in_tmp):
 def test_malformed_overrides_are_reported_together(in_tmp):
     write(in_tmp, "run.yaml", "seed: 1\n")
     error = config_error("run.yaml", JobConfig, ["seed", "seed=", "tags=[1, 2", "seed.x=1", "a..b=1"])
-    assert len(error.issues) == 5
+    assert len(error.issues) == 5 and str(error).startswith("5 config errors in the command-line overrides:")
     assert "override 'seed' is not of the form dotted.key=value" in error.issues[0]
     assert "override 'seed=' has no value; write seed=null" in error.issues[1]
     assert error.issues[2].startswith("invalid YAML in the value of override 'tags=[1, 2'")
@@ -431,7 +431,9 @@ def test_yaml_files_read_exponent_floats_as_numbers(in_tmp):
     ({"tags": "a"}, "tags: expected list[str], got 'a' (str)"),
     ({"tags": ["a", 2]}, "tags[1]: expected str, got 2 (int)"),
     ({"optim": {"betas": [0.9]}},
-     "optim.betas: expected tuple[float, float] (2 items), got [0.9] (list) with 1 items"),
+     "optim.betas: expected tuple[float, float] (2 items), got 1 item: [0.9] (list)"),
+    ({"optim": {"betas": [1, 2, 3]}},
+     "optim.betas: expected tuple[float, float] (2 items), got 3 items: [1, 2, 3] (list)"),
     ({"optim": {"milestones": [1, "x"]}}, "optim.milestones[1]: expected int, got 'x' (str)"),
     ({"weights": [1]}, "weights: expected dict[str, float], got [1] (list)"),
     ({"weights": {"a": "heavy"}}, "weights.a: expected float, got 'heavy' (str)"),

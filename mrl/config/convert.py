@@ -180,7 +180,8 @@ class Converter:
             if len(value) != len(args):
                 self.issues.append(
                     f"{format_path(path)}: expected {type_name(tp)} ({len(args)} items), got "
-                    f"{describe_value(value)} with {len(value)} items{self._set_where(path)}"
+                    f"{len(value)} item{'s' * (len(value) != 1)}: {describe_value(value)}"
+                    f"{self._set_where(path)}"
                 )
                 return _INVALID
             item_types = args

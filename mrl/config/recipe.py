@@ -192,7 +192,7 @@ def apply_overrides(resolved: Resolved, overrides: Iterable[str]) -> Resolved:
         except ConfigError as exc:
             issues += exc.issues
     if issues:
-        raise ConfigError(issues)
+        raise ConfigError(issues, recipe="the command-line overrides")
     return resolved
 
 
