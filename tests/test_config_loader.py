@@ -85,7 +85,9 @@ class LossConfig:
     """Symmetric clip, or (low, high)."""
 
     beta: Optional[float] = None
-    """KL coefficient; null disables the KL term."""
+    """KL coefficient;
+    null disables
+        the KL term."""
 
 
 @dataclass
@@ -572,7 +574,7 @@ def test_field_docs_of_nested_schema():
     assert docs["critic.num_layers"].doc == "Number of transformer layers."
     assert docs["optim"].type == "OptimConfig" and docs["optim"].default == OptimConfig()
     # Multi-line docstrings collapse to one line.
-    assert docs["precision.dtype"].doc.startswith("Parameter and activation dtype (the optimizer")
+    assert docs["loss.beta"].doc == "KL coefficient; null disables the KL term."
     order = [d.path for d in field_docs(JobConfig)]
     assert order[:13] == [f.name for f in dataclasses.fields(JobConfig)]
     assert order.index("optim.lr") < order.index("optim.betas") < order.index("loss.kind")
