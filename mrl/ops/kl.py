@@ -1,0 +1,128 @@
+"""KL(p‖q) per token from two vocab-parallel logits shards, differentiable in both.
+
+With ``z_p = x_p / temperature``, ``z_q = x_q / temperature`` (fp32), their global maxima
+``M_p, M_q`` and normalisers ``S_p = Σ e^{z_p - M_p}``, ``S_q = Σ e^{z_q - M_q}``:
+
+    d_v = (z_p - M_p)_v - (z_q - M_q)_v        W = Σ_v e^{(z_p - M_p)_v} d_v
+    KL(p‖q) = Σ_v p_v (log p_v - log q_v) = W/S_p - log S_p + log S_q
+
+Forward: per chunk the shard's maxima and ``s_p, s_q, w`` relative to them, one all-reduce MAX of
+both maxima and one packed all-reduce SUM. Backward, without communication:
+
+    ∂KL/∂z_p = p ⊙ (d - E_p[d])        ∂KL/∂z_q = q - p        (E_p[d] = W/S_p)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from mrl.ops._kernels import empty_grad, row_chunks, shift_into
+from mrl.ops._shard import VocabShard, check_temperature, chunk_rows
+from mrl.ops.comm import all_reduce_
+
+
+def _local_kl_stats(xp, xq, shard: VocabShard, scale: float, chunk: int) -> torch.Tensor:
+    """``[5, tokens]`` fp32: m_p, m_q, s_p, s_q, w of each row over this shard's real columns."""
+    rows, cols = xp.shape[0], shard.valid
+    out = torch.zeros(5, rows, dtype=torch.float32, device=xp.device)
+    out[:2] = float("-inf")
+    if rows == 0 or cols == 0:
+        return out
+    m_p, m_q, s_p, s_q, w = out
+    bufs = torch.empty(3, min(chunk, rows), cols, dtype=torch.float32, device=xp.device)
+    for r0, r1 in row_chunks(rows, chunk):
+        n = r1 - r0
+        xpc, xqc = xp[r0:r1, :cols], xq[r0:r1, :cols]
+        m_p[r0:r1] = torch.amax(xpc, dim=-1).float() * scale
+        m_q[r0:r1] = torch.amax(xqc, dim=-1).float() * scale
+        tp = shift_into(bufs[0, :n], xpc, m_p[r0:r1], scale)  # z_p - m_p
+        tq = shift_into(bufs[1, :n], xqc, m_q[r0:r1], scale)  # z_q - m_q
+        diff = torch.sub(tp, tq, out=bufs[2, :n])
+        torch.sum(tp.exp_(), dim=-1, out=s_p[r0:r1])
+        torch.sum(tq.exp_(), dim=-1, out=s_q[r0:r1])
+        torch.sum(diff.mul_(tp), dim=-1, out=w[r0:r1])
+    return out
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_p, logits_q, group, shard: VocabShard, scale: float, chunk: int):
+        xp = logits_p.reshape(-1, shard.local_size)  # [tokens, V/tp]
+        xq = logits_q.reshape(-1, shard.local_size)
+        m_p, m_q, s_p, s_q, w = _local_kl_stats(xp, xq, shard, scale, chunk)
+        big = all_reduce_(torch.stack([m_p, m_q]), dist.ReduceOp.MAX, group)  # [2, tokens]
+        if shard.valid > 0:
+            delta_p, delta_q = m_p - big[0], m_q - big[1]
+            f_p, f_q = delta_p.exp(), delta_q.exp()
+            parts = [s_p * f_p, s_q * f_q, (w + s_p * (delta_p - delta_q)) * f_p]
+        else:
+            parts = [torch.zeros_like(s_p)] * 3
+        sums = all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, group)  # [3, tokens]
+        log_sp, log_sq = sums[0].log(), sums[1].log()
+        mean_d = sums[2] / sums[0]  # E_p[d]
+        ctx.group, ctx.shard, ctx.scale, ctx.chunk = group, shard, scale, chunk
+        ctx.save_for_backward(logits_p, logits_q, big, log_sp, log_sq, mean_d)
+        return mean_d - log_sp + log_sq
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl):
+        logits_p, logits_q, big, log_sp, log_sq, mean_d = ctx.saved_tensors
+        need_p, need_q = ctx.needs_input_grad[:2]
+        shard, scale = ctx.shard, ctx.scale
+        xp = logits_p.reshape(-1, shard.local_size)
+        xq = logits_q.reshape(-1, shard.local_size)
+        g = grad_kl.reshape(-1, 1).float() * scale  # [tokens, 1]
+        grad_p = empty_grad(xp, shard) if need_p else None
+        grad_q = empty_grad(xq, shard) if need_q else None
+        rows, cols = xp.shape[0], shard.valid
+        if rows and cols:
+            f32 = dict(dtype=torch.float32, device=xp.device)
+            bufs = torch.empty(4, min(ctx.chunk, rows), cols, **f32)
+            for r0, r1 in row_chunks(rows, ctx.chunk):
+                n = r1 - r0
+                tp = shift_into(bufs[0, :n], xp[r0:r1, :cols], big[0, r0:r1], scale)  # z_p - M_p
+                tq = shift_into(bufs[1, :n], xq[r0:r1, :cols], big[1, r0:r1], scale)  # z_q - M_q
+                p = torch.sub(tp, log_sp[r0:r1].unsqueeze(-1), out=bufs[2, :n]).exp_()
+                if need_q:
+                    q = torch.sub(tq, log_sq[r0:r1].unsqueeze(-1), out=bufs[3, :n]).exp_()
+                    grad_q[r0:r1, :cols] = q.sub_(p).mul_(g[r0:r1])
+                if need_p:
+                    d = tp.sub_(tq).sub_(mean_d[r0:r1].unsqueeze(-1))
+                    grad_p[r0:r1, :cols] = p.mul_(d).mul_(g[r0:r1])
+        return (
+            None if grad_p is None else grad_p.view(logits_p.shape),
+            None if grad_q is None else grad_q.view(logits_q.shape),
+            None, None, None, None,
+        )
+
+
+def vocab_parallel_kl(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    group=None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """KL(p‖q) ``[...]`` fp32 of ``p = softmax(logits_p/T)``, ``q = softmax(logits_q/T)``.
+
+    Both are this rank's vocabulary shards ``[..., V/tp]`` of the same shape; the result is
+    differentiable in both (pass ``logits_q.detach()`` for a fixed reference). Rounding can leave
+    it a few ulps below 0 when p = q.
+    """
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(
+            f"logits_p and logits_q must have the same shape, got {tuple(logits_p.shape)} and "
+            f"{tuple(logits_q.shape)}"
+        )
+    shard = VocabShard.of(logits_p, group, vocab_size)
+    if not logits_q.is_floating_point():
+        raise ValueError(f"logits_q must be a floating-point tensor, got {logits_q.dtype}")
+    scale = check_temperature(temperature)
+    chunk = chunk_rows(chunk_size, logits_p, shard.valid)
+    kl = _VocabParallelKL.apply(logits_p, logits_q, group, shard, scale, chunk)
+    return kl.view(logits_p.shape[:-1])
