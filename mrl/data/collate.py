@@ -8,12 +8,15 @@ Packed rows (SFT with data.packing) hold several documents. Their ``position_ids
 for each document, ``segment_ids`` number the documents 1, 2, ... (0 for padding) and each
 document's last position has no label, so no loss term crosses documents. Attention is another
 matter: with the model's plain causal mask, a document attends to the documents before it in
-the row. To isolate documents, pass ``packed_attention_mask(segment_ids)`` (a block-diagonal
-causal mask, [b, 1, s, s]) as the attention mask (the local attention's unfused softmax applies
-a given mask; memory O(s²) per row), or on Transformer Engine use the THD layout with
-``packed_cu_seqlens``. Megatron's RoPE ignores position_ids, which is exact only with isolated
-documents (rotary scores depend on relative offsets); learned absolute position embeddings read
-the restarted position_ids.
+the row. To isolate documents:
+
+* local layers on CPU: pass ``packed_attention_mask(segment_ids)`` ([b, 1, s, s], block-diagonal
+  causal) as the attention mask. The unfused softmax applies it, and each document's logits then
+  equal those of the document run alone (RoPE is relative; learned absolute embeddings read the
+  restarted position_ids). Memory is O(s²) per row.
+* local layers on GPU: the fused causal softmax kernel (fp16/bf16) ignores a given mask, so
+  packed rows cross-attend there; refuse packing or disable masked_softmax_fusion.
+* Transformer Engine: use the THD layout with ``packed_cu_seqlens(segment_ids)``.
 """
 
 from __future__ import annotations

@@ -135,4 +135,10 @@ class DataConfig:
         """
         if not isinstance(multiple, int) or multiple < 1:
             raise ValueError(f"the layout's sequence-length multiple must be a positive integer, got {multiple!r}")
-        return dataclasses.replace(self, pad_to_multiple_of=math.lcm(self.pad_to_multiple_of, multiple))
+        combined = math.lcm(self.pad_to_multiple_of, multiple)
+        if self.seq_length % combined != 0:
+            raise ValueError(
+                f"data.seq_length={self.seq_length} is not a multiple of {combined}, the lcm of "
+                f"data.pad_to_multiple_of={self.pad_to_multiple_of} and the parallel layout's {multiple}"
+            )
+        return dataclasses.replace(self, pad_to_multiple_of=combined)
