@@ -617,6 +617,8 @@ def test_builtin_datasets_regenerate_identically_and_load_cleanly(tmp_path):
                        ("reverse_rollout", "rollout"), ("reverse_prompts", "prompt")):
         ds = build_dataset(DataConfig(kind=kind, path=f"builtin:{name}", seq_length=32))
         assert ds.num_skipped == 0 and len(ds) > 0
+        default = build_dataset(DataConfig(kind=kind, seq_length=32))  # data.path: null
+        assert default.path == ds.path == str(shipped / f"{name}.jsonl") and len(default) == len(ds)
     for line in (shipped / "reverse_sft.jsonl").read_text().splitlines()[:100]:
         rec = json.loads(line)
         assert task.reward(rec["prompt"], rec["response"]) == 1.0

@@ -10,13 +10,14 @@ from typing import Literal, Optional
 BUILTIN_PREFIX = "builtin:"
 
 # Embedded datasets shipped under mrl/data/builtin/ (regenerate with make_builtin.py).
-# name -> the record kind the file holds.
+# name -> the record kind the file holds; each kind's dataset is its default (data.path: null).
 BUILTIN_DATASETS: dict[str, str] = {
     "reverse_sft": "sft",
     "reverse_preference": "preference",
     "reverse_rollout": "rollout",
     "reverse_prompts": "prompt",
 }
+DEFAULT_BUILTIN: dict[str, str] = {kind: BUILTIN_PREFIX + name for name, kind in BUILTIN_DATASETS.items()}
 
 KINDS = ("sft", "preference", "rollout", "prompt")
 TRUNCATIONS = ("error", "truncate_left_prompt", "truncate_right")
@@ -36,8 +37,9 @@ class DataConfig:
     ({"prompt","chosen","rejected"}), 'rollout' ({"prompt","responses","rewards"[,"logprobs",
     "truncated"]}) or 'prompt' ({"prompt"[,"answer",...]}, prompts for online generation)."""
 
-    path: str = "builtin:reverse_sft"
-    """JSONL file, or 'builtin:<name>' for a dataset embedded in the package."""
+    path: Optional[str] = None
+    """JSONL file, or 'builtin:<name>' for a dataset embedded in the package; null selects the
+    embedded reverse-word dataset of data.kind."""
 
     tokenizer: str = "byte"
     """'byte' for the built-in byte-level tokenizer, else a local directory (or file) holding a
@@ -84,9 +86,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"data.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if not isinstance(self.path, str) or not self.path:
-            raise ValueError(f"data.path must be a non-empty string, got {self.path!r}")
-        if self.path.startswith(BUILTIN_PREFIX):
+        if self.path is not None and (not isinstance(self.path, str) or not self.path):
+            raise ValueError(f"data.path must be a non-empty string or null, got {self.path!r}")
+        if self.path is not None and self.path.startswith(BUILTIN_PREFIX):
             name = self.path[len(BUILTIN_PREFIX):]
             if name not in BUILTIN_DATASETS:
                 raise ValueError(
@@ -126,6 +128,11 @@ class DataConfig:
                 raise ValueError(f"data.group_size applies to data.kind='rollout' only, got kind={self.kind!r}")
             if not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(f"data.group_size must be a positive integer or null, got {self.group_size!r}")
+
+    @property
+    def source(self) -> str:
+        """The path to read: data.path, or the kind's embedded dataset when it is null."""
+        return DEFAULT_BUILTIN[self.kind] if self.path is None else self.path
 
     def aligned_to(self, multiple: int) -> "DataConfig":
         """This config with pad_to_multiple_of raised to lcm(pad_to_multiple_of, multiple).

@@ -84,7 +84,7 @@ class TokenizedDataset(ABC):
     def __init__(self, config: DataConfig, tokenizer: Tokenizer) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.path = str(resolve_path(config.path))
+        self.path = str(resolve_path(config.source))
         self.skipped: list[Skipped] = []
         """Records left out under data.skip_malformed, with their reasons."""
         self._prefix = prefix_for(tokenizer.bos_id)
@@ -104,7 +104,7 @@ class TokenizedDataset(ABC):
     def __getitem__(self, row: int) -> Example: ...
 
     def _read(self, convert):
-        items, self.skipped = read_jsonl(self.config.path, convert, skip_malformed=self.config.skip_malformed,
+        items, self.skipped = read_jsonl(self.config.source, convert, skip_malformed=self.config.skip_malformed,
                                          max_records=self.config.max_records)
         return items
 
@@ -336,7 +336,7 @@ _DATASETS: dict[str, type[TokenizedDataset]] = {
 
 
 def build_dataset(config: DataConfig, tokenizer: Optional[Tokenizer] = None) -> TokenizedDataset:
-    """Read and tokenize ``config.path``; raises ``DataError`` for malformed data."""
+    """Read and tokenize ``config.source``; raises ``DataError`` for malformed data."""
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.tokenizer)
     return _DATASETS[config.kind](config, tokenizer)
 
