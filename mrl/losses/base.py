@@ -28,11 +28,15 @@ skip it on a GPU run that cannot afford the sync.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
+
+from mrl.losses.metrics import Metrics
 
 IGNORE_INDEX = -100
 
@@ -135,6 +139,25 @@ class LossConfigBase:
             raise ValueError(f"loss.chunk_size must be a positive integer or null, got {self.chunk_size!r}")
         if not isinstance(self.validate, bool):
             raise ValueError(f"loss.validate must be true or false, got {self.validate!r}")
+
+
+class Loss(abc.ABC):
+    """A loss object: ``loss_fn(output, batch, counts, group) -> (loss, metrics)`` (module docstring)."""
+
+    kind: ClassVar[str]
+    """The name ``build_loss`` selects this loss by."""
+
+    required_keys: tuple[str, ...]
+    """Batch keys this loss (with its config) needs; missing ones raise ``ValueError``."""
+
+    normalizer: str
+    """The global count the loss is divided by: "tokens", "seqs" or "pairs"."""
+
+    @abc.abstractmethod
+    def __call__(
+        self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
+    ) -> tuple[torch.Tensor, Metrics]:
+        """The micro-batch's fragment of the global loss, and its metrics."""
 
 
 def split_model_output(output) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -46,9 +46,9 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
 
 
-def token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
-    """Σ values·mask / N, N = ``num_tokens`` if given else Σ mask."""
-    return _safe_div(masked_sum(values, mask), mask.sum() if num_tokens is None else num_tokens)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count=None) -> torch.Tensor:
+    """Σ values·mask / N, N = ``count`` (e.g. the global number of tokens) if given else Σ mask."""
+    return _safe_div(masked_sum(values, mask), mask.sum() if count is None else count)
 
 
 def aggregate(
@@ -174,7 +174,7 @@ def clipped_pg_loss(
         bound = -dual_clip * advantages
         dual_active = (advantages < 0) & (per_token > bound)
         per_token = torch.where(advantages < 0, torch.minimum(per_token, bound), per_token)
-        metrics["dual_clip_frac"] = Metric.mean_fragment(token_mean(dual_active.to(ratio.dtype), mask, num_tokens))
+        metrics["dual_clip_frac"] = Metric.mean_fragment(masked_mean(dual_active.to(ratio.dtype), mask, num_tokens))
     if weights is not None:
         per_token = per_token * torch.where(mask, weights, zeros)
     loss = aggregate(per_token, mask, agg, num_tokens, num_seqs, norm_length=norm_length)
@@ -182,12 +182,12 @@ def clipped_pg_loss(
     with torch.no_grad():
         low = (advantages < 0) & (ratio < 1.0 - clip_low)
         high = (advantages > 0) & (ratio > 1.0 + clip_high)
-        metrics["clip_frac_low"] = Metric.mean_fragment(token_mean(low.to(ratio.dtype), mask, num_tokens))
-        metrics["clip_frac_high"] = Metric.mean_fragment(token_mean(high.to(ratio.dtype), mask, num_tokens))
-        metrics["ratio_mean"] = Metric.mean_fragment(token_mean(ratio, mask, num_tokens))
+        metrics["clip_frac_low"] = Metric.mean_fragment(masked_mean(low.to(ratio.dtype), mask, num_tokens))
+        metrics["clip_frac_high"] = Metric.mean_fragment(masked_mean(high.to(ratio.dtype), mask, num_tokens))
+        metrics["ratio_mean"] = Metric.mean_fragment(masked_mean(ratio, mask, num_tokens))
         metrics["ratio_min"] = masked_min(ratio, mask)
         metrics["ratio_max"] = masked_max(ratio, mask)
-        metrics["approx_kl"] = Metric.mean_fragment(token_mean(torch.expm1(log_ratio) - log_ratio, mask, num_tokens))
+        metrics["approx_kl"] = Metric.mean_fragment(masked_mean(torch.expm1(log_ratio) - log_ratio, mask, num_tokens))
     return loss, metrics
 
 

@@ -1,0 +1,295 @@
+"""GRPO / PPO policy loss over vocab-sharded logits.
+
+    L = L_policy + c_v·L_value − c_H·H + β·KL
+
+- L_policy: the clipped surrogate (``functional.clipped_pg_loss``) with asymmetric clip
+  (DAPO clip-higher), optional dual clip, token- or sequence-level (GSPO) ratios, and optional
+  importance-sampling correction w = exp(old − behaviour) for off-policy / asynchronous data.
+- L_value: ½(V − R)² with optional PPO value clipping, V from the model's value head.
+- H: exact entropy of the full (sharded) distribution, with its gradient. c_H > 0 REWARDS
+  entropy (the PPO convention: L contains −c_H·H); the design notes write the entropy term with
+  the opposite sign convention, so a coefficient taken from them must be negated.
+- KL: KL(π || π_ref), from sampled log-probs (k1/k2/k3) or exact over the vocabulary from the
+  reference logits.
+
+Every term is aggregated with the same mode (``agg``) and divided by the step's global counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mrl.losses import functional as LF
+from mrl.losses.base import (
+    GlobalCounts,
+    Loss,
+    LossConfigBase,
+    check_logits,
+    check_shape,
+    check_values,
+    masked_fill_invalid,
+    require_keys,
+    split_model_output,
+    token_mask,
+    vocab_limit,
+)
+from mrl.losses.metrics import Metric, Metrics, masked_max
+from mrl.ops import vocab_parallel_kl, vocab_parallel_logprobs_and_entropy
+
+
+@dataclass
+class PolicyLossConfig(LossConfigBase):
+    """GRPO / PPO loss settings."""
+
+    kind: Literal["grpo", "ppo"] = "grpo"
+    """Loss name: "grpo" or "ppo" (one loss; the name selects it in ``build_loss``)."""
+
+    clip_low: float = 0.2
+    """Lower clip ε_low: the ratio is clipped below at 1 − ε_low."""
+
+    clip_high: float = 0.2
+    """Upper clip ε_high: the ratio is clipped above at 1 + ε_high (> clip_low: DAPO clip-higher)."""
+
+    dual_clip: float | None = None
+    """Dual-clip bound c > 1 on the loss of negative-advantage tokens (ℓ ≤ −c·A); null disables."""
+
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    """Aggregation of every per-token term (see ``functional.aggregate``)."""
+
+    norm_length: int | None = None
+    """Constant length L of "seq-mean-token-sum-norm" (e.g. the maximum response length); null uses
+    the micro-batch's padded length S, which is layout-invariant only if every micro-batch has one S."""
+
+    ratio_level: Literal["token", "sequence"] = "token"
+    """"token": PPO ratios per token; "sequence": GSPO, one length-normalised ratio per sequence
+    (exp of the MEAN token log-ratio) shared by its tokens."""
+
+    kl_coef: float = 0.0
+    """β, weight of KL(π || π_ref); 0 disables the term (and its batch keys)."""
+
+    kl_estimator: Literal["k1", "k2", "k3", "full"] = "k3"
+    """KL estimator from sampled log-probs ("k1", "k2", "k3", needs ``ref_logprobs``), or "full":
+    exact KL over the whole vocabulary from ``ref_logits``."""
+
+    kl_log_ratio_clamp: float | None = None
+    """Clamp of log(π_ref/π) to ±this before a sampled estimator; null disables."""
+
+    kl_output_clamp: float | None = None
+    """Clamp of a sampled per-token KL estimate to ±this; null disables."""
+
+    entropy_coef: float = 0.0
+    """c_H: the loss contains −c_H·H, so c_H > 0 rewards entropy (PPO sign convention)."""
+
+    value_coef: float = 0.0
+    """c_v, weight of the value loss; > 0 needs the model output (logits, values), ``returns``
+    and (with value_clip) ``old_values``."""
+
+    value_clip: float | None = None
+    """PPO value clipping: V is kept within ±this of ``old_values``; null disables."""
+
+    is_correction: Literal["none", "truncate", "mask"] = "none"
+    """Off-policy importance sampling with w = exp(old_logprobs − behaviour_logprobs) per token:
+    "truncate" clamps w to [is_low, is_high]; "mask" drops tokens with w outside it (weight 0,
+    denominators unchanged); "none" disables."""
+
+    is_low: float = 0.0
+    """Lower bound of the importance weight (see is_correction)."""
+
+    is_high: float = 2.0
+    """Upper bound of the importance weight (see is_correction)."""
+
+    temperature: float = 1.0
+    """Sampling temperature: the logits are divided by it before every softmax."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("kind", self.kind, ("grpo", "ppo"))
+        _check_choice("agg", self.agg, LF.AGG_MODES)
+        _check_choice("ratio_level", self.ratio_level, ("token", "sequence"))
+        _check_choice("kl_estimator", self.kl_estimator, LF.KL_KINDS + ("full",))
+        _check_choice("is_correction", self.is_correction, ("none", "truncate", "mask"))
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"loss.clip_low must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0.0:
+            raise ValueError(f"loss.clip_high must be >= 0, got {self.clip_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"loss.dual_clip must be > 1 or null, got {self.dual_clip}")
+        if self.norm_length is not None and self.norm_length < 1:
+            raise ValueError(f"loss.norm_length must be a positive integer or null, got {self.norm_length}")
+        for name in ("kl_coef", "entropy_coef", "value_coef"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("kl_log_ratio_clamp", "kl_output_clamp", "value_clip"):
+            value = getattr(self, name)
+            if value is not None and value <= 0.0:
+                raise ValueError(f"loss.{name} must be > 0 or null, got {value}")
+        if not 0.0 <= self.is_low < self.is_high:
+            raise ValueError(f"loss.is_low must be >= 0 and < loss.is_high, got is_low={self.is_low}, is_high={self.is_high}")
+        if self.temperature <= 0.0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"loss.{name} must be one of {list(choices)}, got {value!r}")
+
+
+class PolicyLoss(Loss):
+    """GRPO / PPO loss (module docstring). Normalised by tokens ("token-mean") or sequences."""
+
+    kind = "grpo"
+
+    def __init__(self, config: PolicyLossConfig, *, vocab_size: int | None = None) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+        self.kind = config.kind
+        self.normalizer = "tokens" if config.agg == "token-mean" else "seqs"
+        keys = ["labels", "advantages", "old_logprobs"]
+        if config.kl_coef > 0:
+            keys.append("ref_logits" if config.kl_estimator == "full" else "ref_logprobs")
+        if config.is_correction != "none":
+            keys.append("behaviour_logprobs")
+        if config.value_coef > 0:
+            keys.append("returns")
+            if config.value_clip is not None:
+                keys.append("old_values")
+        self.required_keys = tuple(keys)
+
+    def __call__(
+        self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
+    ) -> tuple[torch.Tensor, Metrics]:
+        cfg = self.config
+        logits, values = split_model_output(output)  # [B, S, V/tp], [B, S] or None
+        require_keys(batch, self.required_keys, cfg.kind)
+        labels = batch["labels"]  # [B, S]
+        check_logits(logits, labels)
+        mask = token_mask(batch, cfg.ignore_index)  # [B, S]
+        inputs = self._checked_inputs(batch, labels, values)
+        if cfg.validate:
+            check_values(labels, mask, vocab_limit(logits, group, self.vocab_size), inputs)
+
+        safe_labels = torch.where(mask, labels, torch.full_like(labels, cfg.ignore_index))
+        logprobs, entropy = vocab_parallel_logprobs_and_entropy(
+            logits, safe_labels, group, cfg.ignore_index,
+            vocab_size=self.vocab_size, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
+        )  # [B, S] fp32 each
+        data = {k: masked_fill_invalid(v.to(logprobs.dtype), mask) for k, v in inputs.items()}
+
+        def agg(per_token: torch.Tensor) -> torch.Tensor:
+            return LF.aggregate(
+                per_token, mask, cfg.agg, counts.num_tokens, counts.num_seqs, norm_length=cfg.norm_length
+            )
+
+        def token_mean(per_token: torch.Tensor) -> Metric:
+            return Metric.mean_fragment(LF.masked_mean(per_token.detach(), mask, counts.num_tokens))
+
+        weights, metrics = self._importance_weights(data, mask, token_mean)
+        old = data["old_logprobs"]
+        if cfg.ratio_level == "sequence":
+            old = LF.sequence_level_old_logprobs(logprobs, old, mask)
+        policy_loss, pg_metrics = LF.clipped_pg_loss(
+            logprobs, old, data["advantages"], mask,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg,
+            num_tokens=counts.num_tokens, num_seqs=counts.num_seqs, norm_length=cfg.norm_length,
+            weights=weights,
+        )
+        metrics.update(pg_metrics)
+        metrics["policy_loss"] = Metric.mean_fragment(policy_loss)
+        metrics["advantage_mean"] = token_mean(LF.broadcast_advantages(data["advantages"], logprobs))
+        total = policy_loss
+
+        entropy_term = agg(entropy if cfg.entropy_coef > 0 else entropy.detach())
+        metrics["entropy"] = Metric.mean_fragment(entropy_term)
+        if cfg.entropy_coef > 0:
+            total = total - cfg.entropy_coef * entropy_term
+
+        if cfg.kl_coef > 0:
+            kl_term = agg(self._kl(logits, logprobs, data, batch, group))
+            metrics["kl"] = Metric.mean_fragment(kl_term)
+            total = total + cfg.kl_coef * kl_term
+
+        if cfg.value_coef > 0:
+            value_term, value_metrics = self._value_loss(values, data, mask, agg, token_mean)
+            metrics.update(value_metrics)
+            total = total + cfg.value_coef * value_term
+
+        metrics["loss"] = Metric.mean_fragment(total)
+        metrics["num_tokens"] = Metric.count(mask.sum())
+        metrics["num_seqs"] = Metric.count(mask.any(-1).sum())
+        return total, metrics
+
+    # Pieces ---------------------------------------------------------------------------------------
+
+    def _checked_inputs(self, batch, labels: torch.Tensor, values) -> dict[str, torch.Tensor]:
+        """The float batch tensors this config uses, shape-checked (values included as "values")."""
+        cfg = self.config
+        shape = tuple(labels.shape)
+        inputs = {"advantages": check_shape(batch, "advantages", shape, shape[:1])}
+        for key in self.required_keys:
+            if key not in ("labels", "advantages", "ref_logits"):
+                inputs[key] = check_shape(batch, key, shape)
+        if cfg.value_coef > 0:
+            if values is None:
+                raise ValueError(f"{cfg.kind} loss: value_coef > 0 needs the model output (logits, values)")
+            if tuple(values.shape) != shape:
+                raise ValueError(f"values from the value head must be [B, S] = {shape}, got {tuple(values.shape)}")
+        return inputs
+
+    def _importance_weights(self, data, mask, token_mean) -> tuple[torch.Tensor | None, Metrics]:
+        """w = exp(old − behaviour), truncated or masked to [is_low, is_high] (detached)."""
+        cfg = self.config
+        if cfg.is_correction == "none":
+            return None, {}
+        log_w = (data["old_logprobs"] - data["behaviour_logprobs"]).clamp(-LF.MAX_LOG_RATIO, LF.MAX_LOG_RATIO)
+        raw = torch.exp(log_w).detach()  # [B, S]
+        outside = (raw < cfg.is_low) | (raw > cfg.is_high)
+        if cfg.is_correction == "truncate":
+            weights = raw.clamp(cfg.is_low, cfg.is_high)
+        else:
+            weights = torch.where(outside, torch.zeros_like(raw), raw)
+        metrics: Metrics = {
+            "is_weight_mean": token_mean(weights),
+            "is_weight_max": masked_max(raw, mask),
+            "is_outside_frac": token_mean(outside.to(raw.dtype)),
+        }
+        return weights, metrics
+
+    def _kl(self, logits, logprobs, data, batch, group) -> torch.Tensor:
+        """Per-token KL(π || π_ref) [B, S]."""
+        cfg = self.config
+        if cfg.kl_estimator == "full":
+            ref_logits = batch["ref_logits"]
+            if ref_logits.shape != logits.shape:
+                raise ValueError(
+                    f"batch['ref_logits'] must be sharded like the logits {tuple(logits.shape)}, "
+                    f"got {tuple(ref_logits.shape)}"
+                )
+            return vocab_parallel_kl(
+                logits, ref_logits.detach(), group,
+                vocab_size=self.vocab_size, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
+            )
+        return LF.kl_estimate(
+            logprobs, data["ref_logprobs"], cfg.kl_estimator,
+            log_ratio_clamp=cfg.kl_log_ratio_clamp, output_clamp=cfg.kl_output_clamp,
+        )
+
+    def _value_loss(self, values, data, mask, agg, token_mean) -> tuple[torch.Tensor, Metrics]:
+        """½(V − R)², or with clipping ½·max((V − R)², (V_old + clip(V − V_old, ±c) − R)²)."""
+        cfg = self.config
+        values = torch.where(mask, values.float(), torch.zeros_like(values, dtype=torch.float32))  # [B, S]
+        returns = data["returns"]
+        per_token = 0.5 * (values - returns).square()
+        metrics: Metrics = {"value_mean": token_mean(values)}
+        if cfg.value_clip is not None:
+            old_values = data["old_values"]
+            clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
+            clipped_loss = 0.5 * (clipped - returns).square()
+            metrics["value_clip_frac"] = token_mean((clipped_loss > per_token).float())
+            per_token = torch.maximum(per_token, clipped_loss)
+        value_term = agg(per_token)
+        metrics["value_loss"] = Metric.mean_fragment(value_term)
+        return value_term, metrics
