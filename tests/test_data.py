@@ -204,6 +204,23 @@ def test_rollout_groups_rewards_and_logprobs_alignment(tmp_path):
             expected = np.zeros(len(tokens), dtype=np.float32)
             expected[len(prompt) - 1 : len(tokens) - 1] = rec["logprobs"][j]
             np.testing.assert_array_equal(ex.behavior_logprobs, expected)
+    # Collated: per-row rewards and groups, log-probs padded with zeros like the loss mask.
+    loader = build_data_loader(ds, global_batch_size=6, micro_batch_size=6, dp_rank=0, dp_size=1)
+    batch = loader.next_step()[0]
+    rows = batch.indices.tolist()
+    assert sorted(r // 3 for r in rows) == sorted([rows[0] // 3] * 3 + [rows[3] // 3] * 3)
+    assert batch.group_ids.tolist() == [r // 3 for r in rows]
+    assert batch.rewards.tolist() == pytest.approx([records[r // 3]["rewards"][r % 3] for r in rows])
+    assert batch.behavior_logprobs.shape == batch.tokens.shape == (6, 64)
+    for i, r in enumerate(rows):
+        n = len(ds[r].tokens)
+        assert batch.behavior_logprobs[i, :n].tolist() == ds[r].behavior_logprobs.tolist()
+        assert (batch.behavior_logprobs[i, n:] == 0).all()
+    assert batch.num_loss_tokens == sum(ds[r].loss_mask.sum() for r in rows)
+    assert batch.to("cpu").rewards.tolist() == batch.rewards.tolist()
+    prompts = build_dataset(DataConfig(kind="prompt", seq_length=32))
+    with pytest.raises(TypeError, match="prompt datasets feed generation"):
+        build_data_loader(prompts, global_batch_size=2, micro_batch_size=1, dp_rank=0, dp_size=1)
 
 
 def test_truncation_policies(tmp_path):
@@ -265,7 +282,8 @@ def test_padding_to_seq_length_and_to_multiples(tmp_path):
             assert batch.tokens[i, :n].tolist() == e.tokens.tolist()
             assert batch.labels[i, :n].tolist() == e.labels.tolist()
             assert (batch.tokens[i, n:] == BYTE.pad_id).all() and (batch.labels[i, n:] == IGNORE_INDEX).all()
-            assert (batch.loss_mask[i, n:] == 0).all() and batch.padding_mask[i].tolist() == [False] * n + [True] * (expect - n)
+            assert (batch.loss_mask[i, n:] == 0).all()
+            assert batch.padding_mask[i].tolist() == [False] * n + [True] * (expect - n)
         assert batch.position_ids.tolist() == [list(range(expect))] * 12
         assert torch.equal(batch.loss_mask == 1, batch.labels != IGNORE_INDEX)
     with pytest.raises(ValueError, match="data.seq_length=64 is not a multiple of 48, the lcm of "
@@ -441,7 +459,8 @@ MALFORMED = [  # (kind, bad line, expected message after "path:line: ")
     ("rollout", {"prompt": "p", "responses": ["a", "b"], "rewards": [1.0]},
      "field 'rewards' has 1 entries but 'responses' has 2"),
     ("rollout", {"prompt": "p", "responses": ["a", ""], "rewards": [1, 0]}, "responses[1] is empty"),
-    ("rollout", {"prompt": "p", "responses": ["a", "b"], "rewards": [1, True]}, "rewards[1] must be a number, got boolean"),
+    ("rollout", {"prompt": "p", "responses": ["a", "b"], "rewards": [1, True]},
+     "rewards[1] must be a number, got boolean"),
     ("rollout", '{"prompt": "p", "responses": ["a", "b"], "rewards": [NaN, 1]}', "rewards[0] must be finite, got nan"),
     ("rollout", {"prompt": "p", "responses": "a", "rewards": [1]}, "field 'responses' must be an array, got string"),
     ("rollout", {"prompt": "p", "responses": ["a", "b", "c"], "rewards": [1, 0, 0]},
@@ -486,7 +505,7 @@ def test_logprob_records_checked_against_tokenized_responses(tmp_path):
 
 
 def test_skip_malformed_counts_every_bad_record(tmp_path, caplog):
-    lines = [GOOD["sft"], "{oops", {"prompt": "p"}, GOOD["sft"], {"text": ""}, b"\xff\xfe".decode("latin-1"), GOOD["sft"]]
+    lines = [GOOD["sft"], "{oops", {"prompt": "p"}, GOOD["sft"], {"text": ""}, "\xff\xfe", GOOD["sft"]]
     path = tmp_path / "mixed.jsonl"
     write_jsonl(path, lines)
     raw = path.read_bytes().replace("ÿþ".encode("utf-8"), b"\xff\xfe")  # line 6: invalid UTF-8
@@ -512,7 +531,8 @@ def test_data_config_validation_names_fields():
     cases = [
         (dict(kind="pretrain"), "data.kind must be one of"),
         (dict(seq_length=0), "data.seq_length must be a positive integer"),
-        (dict(seq_length=30, pad_to_multiple_of=16), "data.seq_length=30 is not a multiple of data.pad_to_multiple_of=16"),
+        (dict(seq_length=30, pad_to_multiple_of=16),
+         "data.seq_length=30 is not a multiple of data.pad_to_multiple_of=16"),
         (dict(kind="preference", path="x.jsonl", packing=True), "data.packing applies to data.kind='sft' only"),
         (dict(truncation="middle"), "data.truncation must be one of"),
         (dict(pad_to="max"), "data.pad_to must be one of"),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 
@@ -38,6 +38,8 @@ from mrl.data.records import (
 )
 from mrl.data.sequences import TokenSequence, align_to_labels, build_sequences, fit_prompt, prefix_for
 from mrl.data.tokenizer import Tokenizer, build_tokenizer
+
+T = TypeVar("T")
 
 # Behaviour log-probs may exceed 0 by this much (rounding in the inference engine).
 LOGPROB_TOLERANCE = 1e-5
@@ -103,7 +105,7 @@ class TokenizedDataset(ABC):
     @abstractmethod
     def __getitem__(self, row: int) -> Example: ...
 
-    def _read(self, convert):
+    def _read(self, convert: Callable[[dict[str, Any]], T]) -> list[tuple[int, T]]:
         items, self.skipped = read_jsonl(self.config.source, convert, skip_malformed=self.config.skip_malformed,
                                          max_records=self.config.max_records)
         return items

@@ -18,7 +18,9 @@ class DataLoader:
 
     def __init__(self, dataset: TokenizedDataset, sampler: GlobalBatchSampler, collator: Collator) -> None:
         if isinstance(dataset, PromptDataset):
-            raise TypeError("prompt datasets feed generation, not collated batches; sample them with GlobalBatchSampler")
+            raise TypeError(
+                "prompt datasets feed generation, not collated batches; sample them with GlobalBatchSampler"
+            )
         self.dataset, self.sampler, self.collator = dataset, sampler, collator
 
     def next_step(self) -> list[Batch]:

@@ -73,7 +73,9 @@ class HFTokenizer:
             ) from err
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"tokenizer path {path} does not exist (data.tokenizer is 'byte' or a local directory)")
+            raise FileNotFoundError(
+                f"tokenizer path {path} does not exist (data.tokenizer is 'byte' or a local directory)"
+            )
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: a Hugging Face tokenizer directory must hold tokenizer.json")
