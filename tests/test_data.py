@@ -203,7 +203,7 @@ def test_rollout_groups_rewards_and_logprobs_alignment(tmp_path):
             # Log-prob of response token k sits where labels holds response token k.
             expected = np.zeros(len(tokens), dtype=np.float32)
             expected[len(prompt) - 1 : len(tokens) - 1] = rec["logprobs"][j]
-            np.testing.assert_array_equal(ex.behavior_logprobs, expected)
+            np.testing.assert_array_equal(ex.behaviour_logprobs, expected)
     # Collated: per-row rewards and groups, log-probs padded with zeros like the loss mask.
     loader = build_data_loader(ds, global_batch_size=6, micro_batch_size=6, dp_rank=0, dp_size=1)
     batch = loader.next_step()[0]
@@ -211,13 +211,15 @@ def test_rollout_groups_rewards_and_logprobs_alignment(tmp_path):
     assert sorted(r // 3 for r in rows) == sorted([rows[0] // 3] * 3 + [rows[3] // 3] * 3)
     assert batch.group_ids.tolist() == [r // 3 for r in rows]
     assert batch.rewards.tolist() == pytest.approx([records[r // 3]["rewards"][r % 3] for r in rows])
-    assert batch.behavior_logprobs.shape == batch.tokens.shape == (6, 64)
+    assert batch.behaviour_logprobs.shape == batch.tokens.shape == (6, 64)
     for i, r in enumerate(rows):
         n = len(ds[r].tokens)
-        assert batch.behavior_logprobs[i, :n].tolist() == ds[r].behavior_logprobs.tolist()
-        assert (batch.behavior_logprobs[i, n:] == 0).all()
+        assert batch.behaviour_logprobs[i, :n].tolist() == ds[r].behaviour_logprobs.tolist()
+        assert (batch.behaviour_logprobs[i, n:] == 0).all()
     assert batch.num_loss_tokens == sum(ds[r].loss_mask.sum() for r in rows)
     assert batch.to("cpu").rewards.tolist() == batch.rewards.tolist()
+    assert set(batch.as_dict()) == {"tokens", "labels", "loss_mask", "position_ids", "padding_mask", "indices",
+                                    "rewards", "group_ids", "behaviour_logprobs"}
     prompts = build_dataset(DataConfig(kind="prompt", seq_length=32))
     with pytest.raises(TypeError, match="prompt datasets feed generation"):
         build_data_loader(prompts, global_batch_size=2, micro_batch_size=1, dp_rank=0, dp_size=1)
@@ -244,7 +246,7 @@ def test_truncation_policies(tmp_path):
                                                  "logprobs": [[-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7]]}])
     ex = build_dataset(DataConfig(kind="rollout", path=roll, seq_length=6, truncation="truncate_right"))[0]
     assert ex.tokens.tolist() == [256, ord("p"), ord("p"), ord("a"), ord("b"), ord("c")]
-    np.testing.assert_allclose(ex.behavior_logprobs, [0, 0, -0.1, -0.2, -0.3, 0], rtol=1e-6)
+    np.testing.assert_allclose(ex.behaviour_logprobs, [0, 0, -0.1, -0.2, -0.3, 0], rtol=1e-6)
     # Nothing to learn from: the response does not fit even without a prompt, or the prompt fills all.
     with pytest.raises(DataError, match=r"long\.jsonl:1: response of 6 tokens does not fit"):
         build_dataset(DataConfig(path=path, seq_length=6, truncation="truncate_left_prompt"))

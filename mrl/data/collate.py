@@ -53,16 +53,19 @@ class Batch:
     """[b] float32 rollout rewards."""
     group_ids: Optional[torch.Tensor] = None
     """[b] int64 rollout group (prompt) of each row."""
-    behavior_logprobs: Optional[torch.Tensor] = None
+    behaviour_logprobs: Optional[torch.Tensor] = None
     """[b, s] float32 behaviour-policy log-probs aligned with labels (0 where no target)."""
 
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
 
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that are present, by field name (the batch keys of ``mrl.losses``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
     def to(self, device: torch.device | str) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+        return Batch(**{k: v.to(device) for k, v in self.as_dict().items()})
 
 
 class Collator:
@@ -99,7 +102,7 @@ class Collator:
         packed = examples[0].segment_ids is not None
         segments = np.zeros((b, s), dtype=np.int64) if packed else None
         rollout = examples[0].reward is not None
-        with_logprobs = examples[0].behavior_logprobs is not None
+        with_logprobs = examples[0].behaviour_logprobs is not None
         logprobs = np.zeros((b, s), dtype=np.float32) if with_logprobs else None
         for i, e in enumerate(examples):
             n = len(e.tokens)
@@ -111,7 +114,7 @@ class Collator:
             if packed:
                 segments[i, :n] = e.segment_ids
             if with_logprobs:
-                logprobs[i, :n] = e.behavior_logprobs
+                logprobs[i, :n] = e.behaviour_logprobs
         return Batch(
             tokens=torch.from_numpy(tokens),
             labels=torch.from_numpy(labels),
@@ -122,7 +125,7 @@ class Collator:
             segment_ids=None if segments is None else torch.from_numpy(segments),
             rewards=torch.tensor([e.reward for e in examples], dtype=torch.float32) if rollout else None,
             group_ids=torch.tensor([e.group_id for e in examples], dtype=torch.int64) if rollout else None,
-            behavior_logprobs=None if logprobs is None else torch.from_numpy(logprobs),
+            behaviour_logprobs=None if logprobs is None else torch.from_numpy(logprobs),
         )
 
 

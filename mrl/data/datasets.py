@@ -65,7 +65,7 @@ class Example:
     """Rollout: the response's reward."""
     group_id: Optional[int] = None
     """Rollout: the prompt's group number (the same for all of its responses)."""
-    behavior_logprobs: Optional[np.ndarray] = None
+    behaviour_logprobs: Optional[np.ndarray] = None
     """Rollout with logprobs: [n] float32 aligned with labels (0 where no target)."""
 
 
@@ -288,7 +288,7 @@ class RolloutDataset(TokenizedDataset):
         group = self.groups[g]
         return _example(
             group.sequences[j], f"{self.path}:{self.lines[g]}", reward=group.rewards[j], group_id=g,
-            behavior_logprobs=None if group.logprobs is None else group.logprobs[j],
+            behaviour_logprobs=None if group.logprobs is None else group.logprobs[j],
         )
 
 
