@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from mrl.losses import (
     DistillLossConfig,
     DPOLossConfig,
     GlobalCounts,
+    LossConfig,
     PolicyLossConfig,
     SFTLossConfig,
     build_loss,
@@ -493,3 +495,22 @@ def _mislabelled_sft():
     cfg = PolicyLossConfig()
     object.__setattr__(cfg, "kind", "sft")
     return cfg
+
+
+@dataclass
+class _Job:
+    loss: LossConfig = field(default_factory=PolicyLossConfig)
+    """The loss."""
+
+
+def test_loss_config_union_reads_yaml_mappings_by_kind():
+    from mrl.config import ConfigError, load_config
+
+    Job = _Job
+    for data, cls in [({"kind": "dpo", "beta": 0.2}, DPOLossConfig), ({"kind": "ppo", "value_coef": 1.0}, PolicyLossConfig),
+                      ({"kind": "sft"}, SFTLossConfig), ({"kind": "distill"}, DistillLossConfig)]:
+        config = load_config({"loss": data}, Job).loss
+        assert type(config) is cls and config.kind == data["kind"]
+        assert build_loss(config).kind == data["kind"]
+    with pytest.raises(ConfigError):
+        load_config({"loss": {"kind": "dpo", "clip_low": 0.1}}, Job)

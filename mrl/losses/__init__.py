@@ -10,7 +10,7 @@ from mrl.losses import functional
 from mrl.losses.base import BATCH_KEYS, GlobalCounts, Loss, compute_global_counts, token_mask
 from mrl.losses.distill import DistillLoss, DistillLossConfig
 from mrl.losses.dpo import DPOLoss, DPOLossConfig
-from mrl.losses.factory import LOSSES, build_loss, loss_config_from_dict
+from mrl.losses.factory import LOSSES, LossConfig, build_loss, loss_config_from_dict
 from mrl.losses.metrics import Metric, Metrics, MetricsAccumulator
 from mrl.losses.policy import PolicyLoss, PolicyLossConfig
 from mrl.losses.sft import SFTLoss, SFTLossConfig
@@ -24,6 +24,7 @@ __all__ = [
     "DistillLossConfig",
     "GlobalCounts",
     "Loss",
+    "LossConfig",
     "Metric",
     "Metrics",
     "MetricsAccumulator",

@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from mrl.losses.metrics import Metrics
+from mrl.losses.metrics import Metric, Metrics
 
 IGNORE_INDEX = -100
 
@@ -232,3 +232,8 @@ def masked_fill_invalid(tensor: torch.Tensor, mask: torch.Tensor, value: float =
     """``tensor`` with ``value`` at invalid positions, so NaN/inf padding never reaches the backward."""
     where = mask if tensor.shape == mask.shape else mask.any(-1)
     return torch.where(where, tensor, torch.full_like(tensor, value))
+
+
+def count_metrics(mask: torch.Tensor) -> Metrics:
+    """``num_tokens`` and ``num_seqs`` of a micro-batch (raw counts, summed across micro-batches and ranks)."""
+    return {"num_tokens": Metric.count(mask.sum()), "num_seqs": Metric.count(mask.any(-1).sum())}

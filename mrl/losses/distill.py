@@ -25,6 +25,7 @@ from mrl.losses.base import (
     check_logits,
     check_shape,
     check_values,
+    count_metrics,
     require_keys,
     split_model_output,
     token_mask,
@@ -85,9 +86,6 @@ class DistillLoss(Loss):
             p, q, group, vocab_size=self.vocab_size, chunk_size=cfg.chunk_size, temperature=cfg.temperature
         )  # [B, S]
         loss = LF.masked_mean(kl, mask, counts.num_tokens)
-        metrics: Metrics = {
-            "kl": Metric.mean_fragment(loss),
-            "loss": Metric.mean_fragment(loss),
-            "num_tokens": Metric.count(mask.sum()),
-        }
+        metrics: Metrics = {"kl": Metric.mean_fragment(loss), "loss": Metric.mean_fragment(loss)}
+        metrics.update(count_metrics(mask))
         return loss, metrics

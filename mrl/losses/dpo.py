@@ -27,6 +27,7 @@ from mrl.losses.base import (
     check_logits,
     check_shape,
     check_values,
+    count_metrics,
     masked_fill_invalid,
     pair_mask,
     require_keys,
@@ -133,7 +134,7 @@ class DPOLoss(Loss):
             total = total + cfg.sft_coef * sft_loss
         metrics["loss"] = Metric.mean_fragment(total)
         metrics["num_pairs"] = Metric.count(pairs.sum())
-        metrics["num_tokens"] = Metric.count(mask.sum())
+        metrics.update(count_metrics(mask))
         return total, metrics
 
     def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

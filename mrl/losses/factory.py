@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Union
 
 from mrl.losses.base import Loss, LossConfigBase
 from mrl.losses.distill import DistillLoss, DistillLossConfig
 from mrl.losses.dpo import DPOLoss, DPOLossConfig
 from mrl.losses.policy import PolicyLoss, PolicyLossConfig
 from mrl.losses.sft import SFTLoss, SFTLossConfig
+
+LossConfig = Union[PolicyLossConfig, DPOLossConfig, SFTLossConfig, DistillLossConfig]
+"""Any loss config; as a config field type it reads a YAML mapping by its ``kind``."""
 
 LOSSES: dict[str, tuple[type[LossConfigBase], type[Loss]]] = {
     "grpo": (PolicyLossConfig, PolicyLoss),

@@ -31,6 +31,7 @@ from mrl.losses.base import (
     check_logits,
     check_shape,
     check_values,
+    count_metrics,
     masked_fill_invalid,
     require_keys,
     split_model_output,
@@ -218,8 +219,7 @@ class PolicyLoss(Loss):
             total = total + cfg.value_coef * value_term
 
         metrics["loss"] = Metric.mean_fragment(total)
-        metrics["num_tokens"] = Metric.count(mask.sum())
-        metrics["num_seqs"] = Metric.count(mask.any(-1).sum())
+        metrics.update(count_metrics(mask))
         return total, metrics
 
     # Pieces ---------------------------------------------------------------------------------------

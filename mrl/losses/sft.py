@@ -25,6 +25,7 @@ from mrl.losses.base import (
     LossConfigBase,
     check_logits,
     check_values,
+    count_metrics,
     require_keys,
     split_model_output,
     token_mask,
@@ -120,5 +121,5 @@ class SFTLoss(Loss):
             metrics["z_loss"] = Metric.mean_fragment(z_loss)
             total = total + cfg.z_loss_coef * z_loss
         metrics["loss"] = Metric.mean_fragment(total)
-        metrics["num_tokens"] = Metric.count(mask.sum())
+        metrics.update(count_metrics(mask))
         return total, metrics
