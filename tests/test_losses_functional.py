@@ -374,10 +374,31 @@ def test_group_advantages(normalize_std, loo):
         torch.testing.assert_close(adv[:K], K / (K - 1) * (grp - grp.mean()))
 
 
+@pytest.mark.parametrize("loo", [False, True])
+def test_group_advantages_by_ids_in_any_order(loo):
+    g = torch.Generator().manual_seed(10)
+    sizes = [3, 5, 1, 4, 2]
+    rewards = torch.randn(sum(sizes), generator=g, dtype=D)
+    rewards[9:13] = -0.4  # group 3 has zero variance
+    ids = torch.cat([torch.full((n,), 100 + 7 * k) for k, n in enumerate(sizes)])
+    perm = torch.randperm(len(ids), generator=g)
+    adv, metrics = LF.group_advantages(rewards[perm], group_ids=ids[perm], leave_one_out=loo)
+    want = []
+    start = 0
+    for n in sizes:
+        want.append(ref_group_adv(rewards[start : start + n], n, True, loo, 1e-6) if n > 1 else torch.zeros(1, dtype=D))
+        start += n
+    torch.testing.assert_close(adv, torch.cat(want)[perm], rtol=1e-12, atol=1e-14)
+    assert metrics["groups"].value.item() == 5 and metrics["zero_variance_groups"].value.item() == 2
+
+
 def test_group_advantages_single_member_groups_and_errors():
-    adv, metrics = LF.group_advantages(torch.tensor([1.0, 2.0, 3.0]), 1)
-    assert torch.all(adv == 0) and metrics["zero_variance_groups"].value.item() == 3
+    for loo in (False, True):
+        adv, metrics = LF.group_advantages(torch.tensor([1.0, 2.0, 3.0]), 1, leave_one_out=loo)
+        assert torch.all(adv == 0) and metrics["zero_variance_groups"].value.item() == 3
     with pytest.raises(ValueError, match="group_size"):
         LF.group_advantages(torch.zeros(5), 2)
-    with pytest.raises(ValueError, match="leave_one_out"):
-        LF.group_advantages(torch.zeros(3), 1, leave_one_out=True)
+    with pytest.raises(ValueError, match="exactly one"):
+        LF.group_advantages(torch.zeros(4), 2, group_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match="group_ids"):
+        LF.group_advantages(torch.zeros(4), group_ids=torch.zeros(3))

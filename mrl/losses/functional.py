@@ -14,6 +14,8 @@ metrics are token means (divided by ``num_tokens``) whatever the loss's aggregat
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -260,40 +262,56 @@ def dpo_loss(
 
 def group_advantages(
     rewards: torch.Tensor,
-    group_size: int,
+    group_size: int | None = None,
     *,
+    group_ids: torch.Tensor | None = None,
     normalize_std: bool = True,
     leave_one_out: bool = False,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, Metrics]:
-    """GRPO advantages for ``rewards`` [N], N = G·group_size, groups contiguous.
+    """GRPO advantages for ``rewards`` [N] grouped by prompt.
 
-    A_i = r_i − b_i with b_i the group mean, or with ``leave_one_out`` the mean of the OTHER
-    members (RLOO: A_i = K/(K−1)·(r_i − mean)); with ``normalize_std`` A_i /= (std_g + eps),
-    std_g the unbiased group standard deviation. Groups whose rewards are all equal get
-    advantage exactly 0. Metrics: ``groups`` and ``zero_variance_groups`` (counts).
+    Groups: consecutive runs of ``group_size`` rows, or the rows sharing a value of ``group_ids``
+    [N] (any order, any group sizes); give exactly one. A_i = r_i − b_i with b_i the group mean,
+    or with ``leave_one_out`` the mean of the OTHER members (RLOO: A_i = n/(n−1)·(r_i − mean));
+    with ``normalize_std`` A_i /= (std_g + eps), std_g the unbiased group standard deviation.
+    Groups whose rewards are all equal (single-member groups included) get advantage exactly 0.
+    Metrics: ``groups`` and ``zero_variance_groups`` (counts).
     """
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
-        raise ValueError(
-            f"rewards must be a 1-d tensor whose length is a multiple of group_size={group_size}, "
-            f"got shape {tuple(rewards.shape)}"
-        )
-    if leave_one_out and group_size < 2:
-        raise ValueError("leave_one_out needs group_size >= 2")
-    grouped = rewards.reshape(-1, group_size)  # [G, K]
+    if rewards.dim() != 1 or not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a 1-d float tensor, got {rewards.dtype} {tuple(rewards.shape)}")
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("give exactly one of group_size and group_ids")
+    if group_ids is None:
+        if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size != 0:
+            raise ValueError(
+                f"group_size must be a positive integer dividing the number of rewards "
+                f"{rewards.numel()}, got {group_size!r}"
+            )
+        group_ids = torch.arange(rewards.numel(), device=rewards.device) // group_size
+    elif group_ids.shape != rewards.shape:
+        raise ValueError(f"group_ids must have the shape of rewards {tuple(rewards.shape)}, got {tuple(group_ids.shape)}")
+    _, inverse, sizes = torch.unique(group_ids, return_inverse=True, return_counts=True)  # [N], [G]
+    sizes = sizes.to(rewards.dtype)
+
+    def group_sum(x: torch.Tensor) -> torch.Tensor:  # [N] -> [G]
+        return torch.zeros_like(sizes).index_add_(0, inverse, x)
+
+    mean = (group_sum(rewards) / sizes)[inverse]  # [N]
     if leave_one_out:
-        baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
+        baseline = (group_sum(rewards)[inverse] - rewards) / (sizes[inverse] - 1).clamp_min(1)
     else:
-        baseline = grouped.mean(-1, keepdim=True)
-    advantages = grouped - baseline  # [G, K]
-    if normalize_std and group_size > 1:
-        advantages = advantages / (grouped.std(-1, keepdim=True, correction=1) + eps)
-    zero_variance = grouped.amax(-1) == grouped.amin(-1)  # [G]
-    advantages = torch.where(zero_variance.unsqueeze(-1), torch.zeros_like(advantages), advantages)
+        baseline = mean
+    advantages = rewards - baseline  # [N]
+    if normalize_std:
+        variance = group_sum((rewards - mean).square()) / (sizes - 1).clamp_min(1)  # [G]
+        advantages = advantages / (variance.sqrt()[inverse] + eps)
+    high = torch.full_like(sizes, -math.inf).scatter_reduce(0, inverse, rewards, "amax")  # [G]
+    low = torch.full_like(sizes, math.inf).scatter_reduce(0, inverse, rewards, "amin")  # [G]
+    zero_variance = high == low  # [G]
+    advantages = torch.where(zero_variance[inverse], torch.zeros_like(advantages), advantages)
     metrics: Metrics = {
-        "groups": Metric.count(torch.tensor(grouped.shape[0], device=rewards.device)),
+        "groups": Metric.count(torch.tensor(sizes.numel(), device=rewards.device)),
         "zero_variance_groups": Metric.count(zero_variance.sum()),
     }
-    return advantages.reshape(-1), metrics
+    return advantages, metrics
