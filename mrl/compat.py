@@ -92,3 +92,29 @@ def gpt_layer_spec(*, use_te: bool, normalization: str, qk_layernorm: bool):
     return gpt_layer_specs.get_gpt_layer_local_spec(
         normalization=normalization, qk_layernorm=qk_layernorm
     )
+
+
+def patch_distributed_optimizer_step_state(optimizer) -> None:
+    """Let Megatron's distributed optimizer load a ``fully_reshardable`` checkpoint with torch Adam.
+
+    megatron-core 0.16.1 (without TE/apex, i.e. with ``torch.optim.AdamW``): the load restores the
+    per-parameter ``step`` from the param groups but then copies every state key of the live
+    optimizer from the checkpoint's per-parameter tensors, which do not carry ``step``
+    (``KeyError: 'step'``). The patch, applied to the optimizer instances only, supplies the
+    already-restored ``step`` so that copy is a no-op.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if original is None or getattr(original, "_mrl_patched", False):
+            continue
+
+        def set_states(model_param, tensors, _inner=inner, _original=original):
+            group_index, group_order = _inner.model_param_group_index_map[model_param]
+            main_param = _inner.optimizer.param_groups[group_index]["params"][group_order]
+            state = _inner.optimizer.state.get(main_param, {})
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"].clone()}
+            return _original(model_param, tensors)
+
+        set_states._mrl_patched = True
+        inner._set_main_param_and_optimizer_states = set_states

@@ -13,6 +13,7 @@ naming the ranks that did not answer. Nothing hangs.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import queue
@@ -113,22 +114,25 @@ class RankPool:
             ctx.Process(
                 target=_worker,
                 args=(rank, self.world_size, port, self.log_dir, self._tasks[rank], self._results),
-                daemon=True,
+                # Not daemonic: Megatron's checkpoint writer starts helper processes of its own.
+                daemon=False,
             )
             for rank in range(self.world_size)
         ]
         for proc in self._procs:
             proc.start()
+        atexit.register(self.close)
         ready = self._collect(lambda msg: msg[0] == "ready", DEFAULT_TIMEOUT_S, "start-up")
         if len(ready) != self.world_size:
             self.close()
             raise CaseFailed(f"{self.world_size} ranks did not start:\n{self._log_tails()}")
 
     def close(self) -> None:
-        for proc in self._procs:
+        started = [proc for proc in self._procs if proc.pid is not None]
+        for proc in started:
             if proc.is_alive():
                 proc.kill()
-        for proc in self._procs:
+        for proc in started:
             proc.join(timeout=5)
         self._procs = []
 

@@ -1,0 +1,1 @@
+"""Training backend: optimizer, schedules, train step, checkpoints, trainer."""

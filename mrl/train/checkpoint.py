@@ -1,0 +1,217 @@
+"""Distributed checkpoints: atomic save, exact resume, resharding across layouts.
+
+Layout of ``<dir>/``::
+
+    latest                   text file naming the newest complete checkpoint (updated last)
+    step_00000010/           one complete checkpoint
+        (Megatron-Core dist_checkpointing files: model + optimizer, resharding-capable)
+        rng/rank00003.pt     per-rank RNG states (torch CPU/CUDA and Megatron's tracker)
+        trainer.json         step, scheduler, data position, layout, mrl version
+    step_00000020.partial/   a save in progress (ignored; removed by the next save)
+
+A save writes everything into ``step_N.partial``, then rank 0 writes ``trainer.json`` last,
+renames the directory to ``step_N`` and atomically replaces ``latest``. A crash at any point
+leaves ``latest`` naming the previous complete checkpoint.
+
+Model and optimizer state go through Megatron-Core's distributed checkpointing with the
+distributed optimizer's ``fully_reshardable`` format, so a checkpoint loads at another
+TP/PP/DP layout. RNG states are per rank: they are restored only at the layout they were saved
+at (that is what makes resume bit-identical); at another layout the RNG is re-seeded from
+``(seed, step)`` and the load says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mrl.compat import patch_distributed_optimizer_step_state
+from mrl.parallel.layout import ParallelLayout
+
+LATEST = "latest"
+TRAINER_STATE = "trainer.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable; the message names the file."""
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def _layout_key(layout: ParallelLayout) -> dict:
+    return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
+
+
+def _unwrap_ddp(chunk):
+    """The module under Megatron's DDP wrapper (its keys carry no ``module.`` prefix)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
+
+
+def _model_key(index: int, count: int) -> str:
+    return f"model{index}" if count > 1 else "model"
+
+
+def _sharded_state(chunks: list, optimizer, is_loading: bool) -> dict:
+    model_state = {}
+    for index, chunk in enumerate(chunks):
+        model_state[_model_key(index, len(chunks))] = _unwrap_ddp(chunk).sharded_state_dict()
+    state = dict(model_state)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
+        )
+    return state
+
+
+@torch.no_grad()
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a never-stepped optimizer its state tensors (Megatron can only load into existing ones).
+
+    A step with zero gradients at learning rate 0 creates them without changing any parameter;
+    the load then overwrites every value.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if torch_opt is None or len(torch_opt.state) > 0:
+            continue
+        saved_lrs = [group["lr"] for group in torch_opt.param_groups]
+        for group in torch_opt.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        torch_opt.step()
+        for group, lr in zip(torch_opt.param_groups, saved_lrs):
+            group["lr"] = lr
+            for param in group["params"]:
+                param.grad = None
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, chunks: list, optimizer, layout: ParallelLayout,
+                    trainer_state: dict) -> Path:
+    """Save a complete checkpoint of ``step`` atomically; returns its directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = _step_dir(root, step)
+    partial = final.with_name(final.name + ".partial")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir()
+        (partial / "rng").mkdir()
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(partial))
+    torch.save(_rng_state(), partial / "rng" / f"rank{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        state = dict(trainer_state, step=step, layout=_layout_key(layout), world_size=layout.world_size)
+        _write_atomic(partial / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(root / LATEST, final.name + "\n")
+    dist.barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The directory ``latest`` names, or None when there is no checkpoint yet.
+
+    Raises ``CheckpointError`` naming the file when ``latest`` points at something incomplete.
+    """
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    path = root / name
+    if not name or not path.is_dir():
+        raise CheckpointError(f"{pointer} names checkpoint {name!r}, but {path} does not exist")
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {path / TRAINER_STATE} is missing")
+    return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    file = Path(path) / TRAINER_STATE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from exc
+
+
+def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: ParallelLayout,
+                    *, reseed: int | None = None) -> dict:
+    """Load model, optimizer and RNG state from ``path``; return the trainer state.
+
+    At a different layout the RNG is re-seeded with ``reseed`` (which must then be given).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    if optimizer is not None:
+        _ensure_optimizer_state(optimizer)
+    sharded = _sharded_state(chunks, optimizer, is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as exc:  # Megatron raises many types for unreadable or foreign files
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    for index, chunk in enumerate(chunks):
+        _unwrap_ddp(chunk).load_state_dict(loaded[_model_key(index, len(chunks))])
+    if optimizer is not None:
+        patch_distributed_optimizer_step_state(optimizer)
+        optimizer.load_state_dict(loaded["optimizer"])
+    same_layout = state.get("layout") == _layout_key(layout)
+    rng_file = path / "rng" / f"rank{dist.get_rank():05d}.pt"
+    if same_layout:
+        if not rng_file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {rng_file} is missing")
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        if reseed is None:
+            raise CheckpointError(
+                f"checkpoint {path} was saved at layout {state.get('layout')} and is loaded at "
+                f"{_layout_key(layout)}; pass a seed to re-seed the RNG"
+            )
+        layout.seed(reseed + int(state["step"]))
+    state["resharded"] = not same_layout
+    return state
