@@ -237,7 +237,8 @@ def test_policy_loss_hostile_logits_and_bf16():
     loss, _, grad, _ = run_loss(build_loss(PolicyLossConfig(entropy_coef=0.01), vocab_size=VOCAB), lb, batch, counts)
     assert grad.dtype == torch.bfloat16
     x64 = lb.double().requires_grad_(True)
-    ref = ref_policy_loss(PolicyLossConfig(entropy_coef=0.01), x64, None, batch, counts.num_tokens, counts.num_seqs)["loss"]
+    cfg = PolicyLossConfig(entropy_coef=0.01)
+    ref = ref_policy_loss(cfg, x64, None, batch, counts.num_tokens, counts.num_seqs)["loss"]
     ref.backward()
     assert_rel(loss.detach(), ref.detach())
     assert_rel(grad, x64.grad, rel=1e-2)
@@ -271,7 +272,8 @@ def ref_dpo(cfg: DPOLossConfig, logits64, batch, P):
         delta = (seq[i] - ref_seq[i]) - (seq[i + 1] - ref_seq[i + 1])
         if cfg.loss_type == "sigmoid":
             e = cfg.label_smoothing
-            total = total - (1 - e) * torch.log(torch.sigmoid(cfg.beta * delta)) - e * torch.log(torch.sigmoid(-cfg.beta * delta))
+            bd = cfg.beta * delta
+            total = total - (1 - e) * torch.log(torch.sigmoid(bd)) - e * torch.log(torch.sigmoid(-bd))
         else:
             total = total + (delta - 1 / (2 * cfg.beta)) ** 2
         sft = sft - seq[i]
@@ -280,7 +282,11 @@ def ref_dpo(cfg: DPOLossConfig, logits64, batch, P):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(label_smoothing=0.1, sft_coef=0.3, average_logprobs=True, beta=0.5), dict(loss_type="ipo", average_logprobs=True)],
+    [
+        dict(),
+        dict(label_smoothing=0.1, sft_coef=0.3, average_logprobs=True, beta=0.5),
+        dict(loss_type="ipo", average_logprobs=True),
+    ],
 )
 def test_dpo_loss_matches_reference_for_every_reference_source(kwargs):
     cfg = DPOLossConfig(**kwargs)
@@ -507,8 +513,13 @@ def test_loss_config_union_reads_yaml_mappings_by_kind():
     from mrl.config import ConfigError, load_config
 
     Job = _Job
-    for data, cls in [({"kind": "dpo", "beta": 0.2}, DPOLossConfig), ({"kind": "ppo", "value_coef": 1.0}, PolicyLossConfig),
-                      ({"kind": "sft"}, SFTLossConfig), ({"kind": "distill"}, DistillLossConfig)]:
+    cases = [
+        ({"kind": "dpo", "beta": 0.2}, DPOLossConfig),
+        ({"kind": "ppo", "value_coef": 1.0}, PolicyLossConfig),
+        ({"kind": "sft"}, SFTLossConfig),
+        ({"kind": "distill"}, DistillLossConfig),
+    ]
+    for data, cls in cases:
         config = load_config({"loss": data}, Job).loss
         assert type(config) is cls and config.kind == data["kind"]
         assert build_loss(config).kind == data["kind"]

@@ -237,7 +237,8 @@ def test_clipped_pg_loss_sequence_advantages_and_weights():
     xr = lp.clone().requires_grad_(True)
     ref = ref_pg(xr, old, adv, m, 0.2, 0.2, None, "token-mean", weights=w)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref, xr)[0], rtol=1e-12, atol=1e-14)
+    (grad,), (ref_grad,) = torch.autograd.grad(loss, x), torch.autograd.grad(ref, xr)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="advantages"):
         LF.clipped_pg_loss(lp, old, adv[:-1], m)
 
@@ -279,7 +280,8 @@ def test_gspo_sequence_ratio_matches_sequence_formula():
         terms.append(torch.maximum(-adv[i] * s, -adv[i] * s.clamp(1 - eps_l, 1 + eps_h)))
     ref = torch.stack(terms).mean()
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref, xr)[0], rtol=1e-10, atol=1e-14)
+    (grad,), (ref_grad,) = torch.autograd.grad(loss, x), torch.autograd.grad(ref, xr)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
     assert metrics["clip_frac_low"].value.item() > 0
 
 
@@ -309,7 +311,9 @@ def test_dpo_loss_values_grads_metrics(kind, eps):
     c[3] = math.nan  # a padding pair
     num_pairs = 9
     ca, ra = c.clone().requires_grad_(True), r.clone().requires_grad_(True)
-    loss, metrics = LF.dpo_loss(ca, ra, rc, rr, beta=beta, kind=kind, label_smoothing=eps, num_pairs=num_pairs, pair_mask=valid)
+    loss, metrics = LF.dpo_loss(
+        ca, ra, rc, rr, beta=beta, kind=kind, label_smoothing=eps, num_pairs=num_pairs, pair_mask=valid
+    )
     cr, rr_ = c.clone().requires_grad_(True), r.clone().requires_grad_(True)
     ref = ref_dpo(cr, rr_, rc, rr, beta, kind, eps, valid, num_pairs)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
@@ -322,8 +326,8 @@ def test_dpo_loss_values_grads_metrics(kind, eps):
     delta = ((c - rc) - (r - rr))[v]
     assert metrics["accuracy"].value.item() == pytest.approx((delta > 0).sum().item() / num_pairs, rel=1e-12)
     assert metrics["reward_margin"].value.item() == pytest.approx(beta * delta.sum().item() / num_pairs, rel=1e-12)
-    assert metrics["chosen_reward"].value.item() == pytest.approx(beta * (c - rc)[v].sum().item() / num_pairs, rel=1e-12)
-    assert metrics["rejected_reward"].value.item() == pytest.approx(beta * (r - rr)[v].sum().item() / num_pairs, rel=1e-12)
+    for name, ratio in (("chosen_reward", c - rc), ("rejected_reward", r - rr)):
+        assert metrics[name].value.item() == pytest.approx(beta * ratio[v].sum().item() / num_pairs, rel=1e-12)
 
 
 def test_dpo_loss_empty_and_bad_arguments():
@@ -386,7 +390,8 @@ def test_group_advantages_by_ids_in_any_order(loo):
     want = []
     start = 0
     for n in sizes:
-        want.append(ref_group_adv(rewards[start : start + n], n, True, loo, 1e-6) if n > 1 else torch.zeros(1, dtype=D))
+        group = rewards[start : start + n]
+        want.append(ref_group_adv(group, n, True, loo, 1e-6) if n > 1 else torch.zeros(1, dtype=D))
         start += n
     torch.testing.assert_close(adv, torch.cat(want)[perm], rtol=1e-12, atol=1e-14)
     assert metrics["groups"].value.item() == 5 and metrics["zero_variance_groups"].value.item() == 2

@@ -125,7 +125,8 @@ def test_reduce_across_ranks(ranks2):
     want = _expected(2, 3)
     for reduced, reduce_calls, counts, count_calls, mismatch in results:
         _assert_metrics(reduced, want)
-        assert sorted(reduce_calls) == sorted([str(torch.distributed.ReduceOp.SUM), str(torch.distributed.ReduceOp.MAX)])
+        ops = torch.distributed.ReduceOp
+        assert sorted(reduce_calls) == sorted([str(ops.SUM), str(ops.MAX)])
         # rank r holds (2 + r) rows of 3 labels with one ignored, plus a 1-row micro-batch
         assert counts == GlobalCounts(num_tokens=(6 - 1 + 2) + (9 - 1 + 2), num_seqs=(2 + 1) + (3 + 1))
         assert count_calls == 1

@@ -128,7 +128,7 @@ class LossConfigBase:
     """Label value marking tokens without loss."""
 
     chunk_size: int | None = None
-    """Tokens per chunk in the vocab-parallel ops (bounds their fp32 temporaries); None = one chunk."""
+    """Tokens per chunk in the vocab-parallel ops (bounds their fp32 temporaries); null: the ops' default."""
 
     validate: bool = True
     """Check input values (labels in the vocabulary, finite advantages / log-probs) each micro-batch,

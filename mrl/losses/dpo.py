@@ -125,8 +125,8 @@ class DPOLoss(Loss):
         )
         metrics["dpo_loss"] = Metric.mean_fragment(dpo_loss)
         chosen_logps, rejected_logps = seq_logps[0::2], seq_logps[1::2]  # [P] each
-        metrics["chosen_logps"] = Metric.mean_fragment(LF.masked_mean(chosen_logps.detach(), pairs, counts.num_pairs))
-        metrics["rejected_logps"] = Metric.mean_fragment(LF.masked_mean(rejected_logps.detach(), pairs, counts.num_pairs))
+        for name, logps in (("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps)):
+            metrics[name] = Metric.mean_fragment(LF.masked_mean(logps.detach(), pairs, counts.num_pairs))
         total = dpo_loss
         if cfg.sft_coef > 0:
             sft_loss = LF.masked_mean(-chosen_logps, pairs, counts.num_pairs)

@@ -242,7 +242,8 @@ def dpo_loss(
     rejected_ratio = torch.where(valid, rejected_logps - ref_rejected_logps, zeros)  # [P]
     delta = chosen_ratio - rejected_ratio  # [P]
     if kind == "sigmoid":
-        per_pair = -(1.0 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+        eps = label_smoothing
+        per_pair = -(1.0 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
     else:
         per_pair = (delta - 1.0 / (2.0 * beta)).square()
     pairs = valid.sum() if num_pairs is None else num_pairs
@@ -290,7 +291,9 @@ def group_advantages(
             )
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // group_size
     elif group_ids.shape != rewards.shape:
-        raise ValueError(f"group_ids must have the shape of rewards {tuple(rewards.shape)}, got {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"group_ids must have the shape of rewards {tuple(rewards.shape)}, got {tuple(group_ids.shape)}"
+        )
     _, inverse, sizes = torch.unique(group_ids, return_inverse=True, return_counts=True)  # [N], [G]
     sizes = sizes.to(rewards.dtype)
 

@@ -129,7 +129,9 @@ class PolicyLossConfig(LossConfigBase):
             if value is not None and value <= 0.0:
                 raise ValueError(f"loss.{name} must be > 0 or null, got {value}")
         if not 0.0 <= self.is_low < self.is_high:
-            raise ValueError(f"loss.is_low must be >= 0 and < loss.is_high, got is_low={self.is_low}, is_high={self.is_high}")
+            raise ValueError(
+                f"loss.is_low must be >= 0 and < loss.is_high, got is_low={self.is_low}, is_high={self.is_high}"
+            )
         if self.temperature <= 0.0:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
 
@@ -225,7 +227,7 @@ class PolicyLoss(Loss):
     # Pieces ---------------------------------------------------------------------------------------
 
     def _checked_inputs(self, batch, labels: torch.Tensor, values) -> dict[str, torch.Tensor]:
-        """The float batch tensors this config uses, shape-checked (values included as "values")."""
+        """The float batch tensors this config uses, shape-checked; checks the value-head output too."""
         cfg = self.config
         shape = tuple(labels.shape)
         inputs = {"advantages": check_shape(batch, "advantages", shape, shape[:1])}
