@@ -94,27 +94,38 @@ def gpt_layer_spec(*, use_te: bool, normalization: str, qk_layernorm: bool):
     )
 
 
-def patch_distributed_optimizer_step_state(optimizer) -> None:
-    """Let Megatron's distributed optimizer load a ``fully_reshardable`` checkpoint with torch Adam.
+def load_megatron_optimizer_state(optimizer, state_dict) -> None:
+    """``optimizer.load_state_dict(state_dict)`` with two fixes for torch Adam (no TE/apex).
 
-    megatron-core 0.16.1 (without TE/apex, i.e. with ``torch.optim.AdamW``): the load restores the
-    per-parameter ``step`` from the param groups but then copies every state key of the live
-    optimizer from the checkpoint's per-parameter tensors, which do not carry ``step``
-    (``KeyError: 'step'``). The patch, applied to the optimizer instances only, supplies the
-    already-restored ``step`` so that copy is a no-op.
+    megatron-core 0.16.1 restores torch Adam's per-parameter ``step`` from the param groups by
+    assigning ONE tensor to every parameter's state. torch keeps that tensor shared, so each
+    optimizer step then increments it once per parameter and Adam's bias correction goes wrong
+    after a resume. The ``fully_reshardable`` load also copies every live state key from the
+    checkpoint's per-parameter tensors, which do not carry ``step`` (``KeyError: 'step'``).
+    Here the copy gets the already-restored ``step`` (a no-op), and the shared tensor is
+    replaced by one tensor per parameter afterwards.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    for inner in inners:
         original = getattr(inner, "_set_main_param_and_optimizer_states", None)
-        if original is None or getattr(original, "_mrl_patched", False):
-            continue
+        if original is not None and not getattr(original, "_mrl_patched", False):
+            inner._set_main_param_and_optimizer_states = _with_step(inner, original)
+    optimizer.load_state_dict(state_dict)
+    for inner in inners:
+        torch_opt = getattr(inner, "optimizer", None)
+        for state in (torch_opt.state.values() if torch_opt is not None else ()):
+            if "step" in state and hasattr(state["step"], "clone"):
+                state["step"] = state["step"].clone()
 
-        def set_states(model_param, tensors, _inner=inner, _original=original):
-            group_index, group_order = _inner.model_param_group_index_map[model_param]
-            main_param = _inner.optimizer.param_groups[group_index]["params"][group_order]
-            state = _inner.optimizer.state.get(main_param, {})
-            if "step" in state and "step" not in tensors:
-                tensors = {**tensors, "step": state["step"].clone()}
-            return _original(model_param, tensors)
 
-        set_states._mrl_patched = True
-        inner._set_main_param_and_optimizer_states = set_states
+def _with_step(inner, original):
+    def set_states(model_param, tensors):
+        group_index, group_order = inner.model_param_group_index_map[model_param]
+        main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+        state = inner.optimizer.state.get(main_param, {})
+        if "step" in state and "step" not in tensors:
+            tensors = {**tensors, "step": state["step"].clone()}
+        return original(model_param, tensors)
+
+    set_states._mrl_patched = True
+    return set_states

@@ -31,6 +31,19 @@ class LocalStats(NamedTuple):
     """Σ_j (z_j - m), when asked for (label smoothing)."""
 
 
+_LOG2E = 1.4426950408889634  # exp(t) = 2^(t·log2 e); exp2 is the faster vector routine on CPUs
+
+
+def exp_(t: torch.Tensor) -> torch.Tensor:
+    """``e^t`` in place, as ``2^(t·log2 e)`` (relative error ~|t|·1e-7 more than ``exp``)."""
+    return t.mul_(_LOG2E).exp2_()
+
+
+def exp_into(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``out = e^t`` without modifying ``t``."""
+    return torch.mul(t, _LOG2E, out=out).exp2_()
+
+
 def shift_into(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: float) -> torch.Tensor:
     """``out = scale·x - shift[:, None]`` in fp32, one pass, no temporary."""
     if scale == 1.0:
@@ -77,9 +90,9 @@ def local_stats(
         if sum_z is not None:
             torch.sum(t, dim=-1, out=sum_z[r0:r1])
         if e_buf is None:
-            torch.sum(t.exp_(), dim=-1, out=s[r0:r1])
+            torch.sum(exp_(t), dim=-1, out=s[r0:r1])
         else:
-            e = torch.exp(t, out=e_buf[: r1 - r0])
+            e = exp_into(e_buf[: r1 - r0], t)
             torch.sum(e, dim=-1, out=s[r0:r1])
             torch.sum(t.mul_(e), dim=-1, out=u[r0:r1])
     return LocalStats(m, s, u, sum_z)
@@ -92,7 +105,7 @@ def softmax_grad(
     chunk: int,
     *,
     shift: torch.Tensor,
-    log_norm: torch.Tensor,
+    norm: torch.Tensor,
     alpha: torch.Tensor,
     beta: torch.Tensor | None = None,
     label_col: torch.Tensor | None = None,
@@ -101,7 +114,7 @@ def softmax_grad(
 ) -> torch.Tensor:
     """The gradient w.r.t. ``x``, in ``x``'s dtype, of a per-row function of the softmax.
 
-    With ``t_j = scale·x_j - shift`` and ``p_j = e^{t_j - log_norm}`` (all per-row vectors fp32
+    With ``t_j = scale·x_j - shift`` and ``p_j = e^{t_j} / norm`` (all per-row vectors fp32
     ``[tokens]``), column ``j`` of row ``i`` receives
 
         p_j·(alpha + beta·t_j) + label_coef·1[j = label_col] - const
@@ -114,6 +127,8 @@ def softmax_grad(
     grad = empty_grad(x, shard)  # [tokens, V_local]
     if rows == 0 or cols == 0:
         return grad
+    alpha = (alpha / norm).unsqueeze(-1)  # e^t·(alpha/S) = p·alpha: 1/S folded into the coefficients
+    beta = None if beta is None else (beta / norm).unsqueeze(-1)
     direct = x.dtype == torch.float32
     f32 = dict(dtype=torch.float32, device=x.device)
     width = min(chunk, rows)
@@ -124,12 +139,10 @@ def softmax_grad(
         n = r1 - r0
         dst = gv[r0:r1] if direct else p_buf[:n]  # [chunk, valid]
         if t_buf is None:
-            shift_into(dst, xv[r0:r1], shift[r0:r1], scale)
-            dst.sub_(log_norm[r0:r1].unsqueeze(-1)).exp_().mul_(alpha[r0:r1].unsqueeze(-1))
+            exp_(shift_into(dst, xv[r0:r1], shift[r0:r1], scale)).mul_(alpha[r0:r1])
         else:
             t = shift_into(t_buf[:n], xv[r0:r1], shift[r0:r1], scale)
-            torch.sub(t, log_norm[r0:r1].unsqueeze(-1), out=dst).exp_()
-            dst.mul_(t.mul_(beta[r0:r1].unsqueeze(-1)).add_(alpha[r0:r1].unsqueeze(-1)))
+            exp_into(dst, t).mul_(t.mul_(beta[r0:r1]).add_(alpha[r0:r1]))
         if label_coef is not None:
             at = (torch.arange(n, device=x.device), label_col[r0:r1])
             dst.index_put_(at, label_coef[r0:r1], accumulate=True)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from mrl.ops._kernels import empty_grad, row_chunks, shift_into
+from mrl.ops._kernels import empty_grad, exp_, exp_into, row_chunks, shift_into
 from mrl.ops._shard import VocabShard, check_temperature, chunk_rows
 from mrl.ops.comm import all_reduce_
 
@@ -40,8 +40,8 @@ def _local_kl_stats(xp, xq, shard: VocabShard, scale: float, chunk: int) -> torc
         tp = shift_into(bufs[0, :n], xpc, m_p[r0:r1], scale)  # z_p - m_p
         tq = shift_into(bufs[1, :n], xqc, m_q[r0:r1], scale)  # z_q - m_q
         diff = torch.sub(tp, tq, out=bufs[2, :n])
-        torch.sum(tp.exp_(), dim=-1, out=s_p[r0:r1])
-        torch.sum(tq.exp_(), dim=-1, out=s_q[r0:r1])
+        torch.sum(exp_(tp), dim=-1, out=s_p[r0:r1])
+        torch.sum(exp_(tq), dim=-1, out=s_q[r0:r1])
         torch.sum(diff.mul_(tp), dim=-1, out=w[r0:r1])
     return out
 
@@ -60,21 +60,21 @@ class _VocabParallelKL(torch.autograd.Function):
         else:
             parts = [torch.zeros_like(s_p)] * 3
         sums = all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, group)  # [3, tokens]
-        log_sp, log_sq = sums[0].log(), sums[1].log()
         mean_d = sums[2] / sums[0]  # E_p[d]
         ctx.group, ctx.shard, ctx.scale, ctx.chunk = group, shard, scale, chunk
-        ctx.save_for_backward(logits_p, logits_q, big, log_sp, log_sq, mean_d)
-        return mean_d - log_sp + log_sq
+        ctx.save_for_backward(logits_p, logits_q, big, sums, mean_d)
+        return mean_d - sums[0].log() + sums[1].log()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl):
-        logits_p, logits_q, big, log_sp, log_sq, mean_d = ctx.saved_tensors
+        logits_p, logits_q, big, sums, mean_d = ctx.saved_tensors
         need_p, need_q = ctx.needs_input_grad[:2]
         shard, scale = ctx.shard, ctx.scale
         xp = logits_p.reshape(-1, shard.local_size)
         xq = logits_q.reshape(-1, shard.local_size)
         g = grad_kl.reshape(-1, 1).float() * scale  # [tokens, 1]
+        inv_sp, inv_sq = sums[:2].reciprocal().unsqueeze(-1)  # [tokens, 1] 1/S_p, 1/S_q
         grad_p = empty_grad(xp, shard) if need_p else None
         grad_q = empty_grad(xq, shard) if need_q else None
         rows, cols = xp.shape[0], shard.valid
@@ -85,9 +85,9 @@ class _VocabParallelKL(torch.autograd.Function):
                 n = r1 - r0
                 tp = shift_into(bufs[0, :n], xp[r0:r1, :cols], big[0, r0:r1], scale)  # z_p - M_p
                 tq = shift_into(bufs[1, :n], xq[r0:r1, :cols], big[1, r0:r1], scale)  # z_q - M_q
-                p = torch.sub(tp, log_sp[r0:r1].unsqueeze(-1), out=bufs[2, :n]).exp_()
+                p = exp_into(bufs[2, :n], tp).mul_(inv_sp[r0:r1])
                 if need_q:
-                    q = torch.sub(tq, log_sq[r0:r1].unsqueeze(-1), out=bufs[3, :n]).exp_()
+                    q = exp_into(bufs[3, :n], tq).mul_(inv_sq[r0:r1])
                     grad_q[r0:r1, :cols] = q.sub_(p).mul_(g[r0:r1])
                 if need_p:
                     d = tp.sub_(tq).sub_(mean_d[r0:r1].unsqueeze(-1))

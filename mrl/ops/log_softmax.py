@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from mrl.ops._kernels import empty_grad, local_stats, row_chunks, shift_into
+from mrl.ops._kernels import empty_grad, exp_into, local_stats, row_chunks, shift_into
 from mrl.ops._shard import VocabShard, check_temperature, chunk_rows
 from mrl.ops.comm import all_reduce_
 from mrl.ops.vocab_parallel import reduce_stats
@@ -45,7 +45,7 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
         if cols:
             buf = torch.empty(min(ctx.chunk, out.shape[0]), cols, dtype=torch.float32, device=out.device)
             for r0, r1 in row_chunks(out.shape[0], ctx.chunk):
-                p_sum = torch.exp(out[r0:r1, :cols], out=buf[: r1 - r0]).mul_(g_sum[r0:r1].unsqueeze(-1))
+                p_sum = exp_into(buf[: r1 - r0], out[r0:r1, :cols]).mul_(g_sum[r0:r1].unsqueeze(-1))
                 grad[r0:r1, :cols] = torch.sub(g[r0:r1, :cols], p_sum, out=p_sum).mul_(ctx.scale)
         return grad.view(ctx.input_shape), None, None, None, None
 

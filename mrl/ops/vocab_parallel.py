@@ -12,8 +12,8 @@ One autograd Function computes any subset of {log p_y, H, lse, mean_v(-log p_v)}
   ``M = max_r m_r`` and one packed all-reduce SUM of ``s_r e^{m_r-M}``,
   ``(u_r + (m_r-M) s_r) e^{m_r-M}``, ``Σ (z-M)`` and the label logit gives ``S``, ``U``, ... with
   ``lse = M + log S`` and ``E_p[z] - M = U/S``. Two collectives whatever is asked for.
-* backward: no communication. The saved input and the per-token ``M, log S, U/S`` recompute
-  ``p`` chunk by chunk and write ``∂/∂z_j = p_j(α + β(z_j - M)) + a·1[j=y] - d/V`` (``a, b, c,
+* backward: no communication. The saved input and the per-token ``M, S, U/S`` recompute
+  ``p = e^{z-M}/S`` chunk by chunk and write ``∂/∂z_j = p_j(α + β(z_j - M)) + a·1[j=y] - d/V`` (``a, b, c,
   d`` the upstream gradients of log p_y, H, lse and the smoothing term) into one buffer.
 
 The input is never modified and never gathered; results are fp32 whatever the input dtype.
@@ -106,13 +106,13 @@ class _VocabParallelStats(torch.autograd.Function):
         ctx.group, ctx.shard, ctx.scale, ctx.chunk = group, shard, scale, chunk
         if labels is None:
             col = owned = kept
-        ctx.save_for_backward(logits, big_m, log_s, mean_z, col, owned, kept)
+        ctx.save_for_backward(logits, big_m, packed[0], mean_z, col, owned, kept)
         return tuple(outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_entropy, g_lse, g_smooth):
-        logits, big_m, log_s, mean_z, col, owned, kept = ctx.saved_tensors
+        logits, big_m, big_s, mean_z, col, owned, kept = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or all(g is None for g in (g_logp, g_entropy, g_lse, g_smooth)):
             return (None,) * 8
         shard, scale = ctx.shard, ctx.scale
@@ -137,7 +137,7 @@ class _VocabParallelStats(torch.autograd.Function):
             const = d / shard.vocab_size
         x = logits.reshape(-1, shard.local_size)
         grad = softmax_grad(
-            x, shard, scale, ctx.chunk, shift=big_m, log_norm=log_s, alpha=alpha, beta=beta,
+            x, shard, scale, ctx.chunk, shift=big_m, norm=big_s, alpha=alpha, beta=beta,
             label_col=col, label_coef=label_coef, const=const,
         )
         return (grad.view(logits.shape),) + (None,) * 7

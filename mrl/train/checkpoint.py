@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mrl.compat import patch_distributed_optimizer_step_state
+from mrl.compat import load_megatron_optimizer_state
 from mrl.parallel.layout import ParallelLayout
 
 LATEST = "latest"
@@ -127,9 +127,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: list, optimizer,
         for stale in root.glob("*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
-        (partial / "rng").mkdir()
     dist.barrier()
     dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(partial))
+    (partial / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), partial / "rng" / f"rank{dist.get_rank():05d}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
@@ -179,10 +179,11 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: ParallelLayout,
-                    *, reseed: int | None = None) -> dict:
-    """Load model, optimizer and RNG state from ``path``; return the trainer state.
+                    *, reseed: int | None = None, restore_rng: bool = True) -> dict:
+    """Load model, optimizer (unless None) and RNG state from ``path``; return the trainer state.
 
-    At a different layout the RNG is re-seeded with ``reseed`` (which must then be given).
+    At a different layout the RNG is re-seeded with ``reseed`` (which must then be given);
+    ``restore_rng=False`` loads weights only (a reference model, an SFT initialisation).
     """
     from megatron.core import dist_checkpointing
 
@@ -198,9 +199,11 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: Pa
     for index, chunk in enumerate(chunks):
         _unwrap_ddp(chunk).load_state_dict(loaded[_model_key(index, len(chunks))])
     if optimizer is not None:
-        patch_distributed_optimizer_step_state(optimizer)
-        optimizer.load_state_dict(loaded["optimizer"])
+        load_megatron_optimizer_state(optimizer, loaded["optimizer"])
     same_layout = state.get("layout") == _layout_key(layout)
+    state["resharded"] = not same_layout
+    if not restore_rng:
+        return state
     rng_file = path / "rng" / f"rank{dist.get_rank():05d}.pt"
     if same_layout:
         if not rng_file.is_file():
@@ -213,5 +216,4 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: Pa
                 f"{_layout_key(layout)}; pass a seed to re-seed the RNG"
             )
         layout.seed(reseed + int(state["step"]))
-    state["resharded"] = not same_layout
     return state

@@ -1,7 +1,8 @@
 """Learning-rate and weight-decay schedules.
 
-All LR schedules start with a linear warmup from ``warmup_init_lr`` to the peak ``η0`` over ``W``
-steps. After warmup, with ``t = step − W`` and ``T = decay_steps`` (default: total − W), ``m`` the
+All LR schedules start with a linear warmup over ``W`` steps: step ``k < W`` uses
+``warmup_init_lr + (η0 − warmup_init_lr)·(k+1)/W``, so the first step already moves and step
+``W − 1`` reaches the peak ``η0``. After warmup, with ``t = step − W`` and ``T = decay_steps`` (default: total − W), ``m`` the
 floor ``min_lr`` and ``u = min(t/T, 1)``:
 
 ==================  =========================================================
@@ -84,7 +85,7 @@ def learning_rate(cfg: SchedulerConfig, peak: float, step: int, total_steps: int
     """The LR at optimizer step ``step`` (0-based) of ``total_steps``."""
     warmup = cfg.warmup_steps
     if step < warmup:
-        return cfg.warmup_init_lr + (peak - cfg.warmup_init_lr) * step / warmup
+        return cfg.warmup_init_lr + (peak - cfg.warmup_init_lr) * (step + 1) / warmup
     t = step - warmup
     horizon = cfg.decay_steps or max(total_steps - warmup, 1)
     u = min(t / horizon, 1.0)

@@ -112,7 +112,7 @@ class TrainStep:
             nonlocal loss_total
             loss, step_metrics = self.loss_fn(output, batch, counts, self.layout.tp_group)
             loss_total = loss_total + loss.detach().double()
-            metrics.update(step_metrics)
+            metrics.add(step_metrics)
             return loss, torch.zeros((), dtype=torch.int), {}
 
         run_schedule(self.chunks, micro_batches, loss_func, forward_only=False,

@@ -1,0 +1,80 @@
+"""The ``mrl`` command: train, validate and show-config for a YAML recipe.
+
+    mrl train CONFIG [key=value ...]        train (starts local ranks itself outside a launcher)
+    mrl validate CONFIG [key=value ...]     every check, no training; exit status 0 or 1
+    mrl show-config CONFIG [key=value ...]  the resolved recipe as YAML
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _load(args):
+    from mrl.config import load_config
+    from mrl.config.job import JobConfig
+
+    return load_config(args.config, JobConfig, args.overrides)
+
+
+def _world_size(cfg) -> int:
+    from mrl.runner import under_launcher
+
+    return int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.default_world_size()
+
+
+def cmd_train(args) -> int:
+    from mrl.runner import run_job, spawn_local, under_launcher
+
+    cfg = _load(args)
+    cfg.validate(_world_size(cfg))
+    if under_launcher():
+        run_job(cfg)
+        return 0
+    return spawn_local(cfg, cfg.default_world_size())
+
+
+def cmd_validate(args) -> int:
+    cfg = _load(args)
+    world = _world_size(cfg)
+    cfg.validate(world)
+    dp = cfg.parallel.data_parallel_size(world)
+    print(f"{args.config}: OK ({cfg.algorithm}, {world} ranks: tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+          f"cp={cfg.parallel.cp} dp={dp}, {cfg.train.num_microbatches(dp)} micro-batches per rank)")
+    return 0
+
+
+def cmd_show_config(args) -> int:
+    from mrl.config import dump_yaml
+
+    sys.stdout.write(dump_yaml(_load(args)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrl", description="Megatron-Core RL post-training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (
+        ("train", cmd_train, "train a recipe (resumes from its latest checkpoint)"),
+        ("validate", cmd_validate, "check a recipe without training"),
+        ("show-config", cmd_show_config, "print the resolved recipe"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("config", help="YAML recipe")
+        sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 parallel.tp=2")
+        sub.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # ConfigError and every config/validation error
+        print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,180 @@
+"""``JobConfig``: the whole recipe, and the cross-field checks that run before any process group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from mrl.data.config import DataConfig
+from mrl.losses.factory import LossConfig
+from mrl.losses.sft import SFTLossConfig
+from mrl.model.config import ModelConfig, PrecisionConfig
+from mrl.parallel.layout import ParallelConfig, check_model_divisibility
+from mrl.rl.config import RolloutConfig
+from mrl.train.config import LogConfig, ReferenceConfig, TrainConfig
+from mrl.train.optim import OptimConfig
+from mrl.train.schedules import SchedulerConfig
+
+ALGORITHMS = {
+    # algorithm: (data kinds it reads, loss kinds it trains with)
+    "sft": (("sft",), ("sft",)),
+    "dpo": (("preference",), ("dpo",)),
+    "grpo": (("prompt",), ("grpo", "ppo")),
+    "offline-rl": (("rollout",), ("grpo", "ppo")),
+    "distill": (("sft",), ("distill",)),
+}
+
+
+@dataclass
+class JobConfig:
+    """A training job: what to train, on which layout, with which data and loss."""
+
+    algorithm: Literal["sft", "dpo", "grpo", "offline-rl", "distill"] = "sft"
+    """Training loop: sft, dpo, grpo (online rollouts from the policy), offline-rl (GRPO/PPO on
+    rollout files), distill (KL to a teacher's full distribution)."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    """cpu: gloo ranks on the CPU (tests, CI, quick start); cuda: one GPU per rank with NCCL."""
+
+    nproc: Optional[int] = None
+    """Ranks that `mrl train` starts on this machine when run outside a launcher (None: the
+    number the layout needs with dp=1)."""
+
+    seed: int = 1234
+    """Seed of weight initialisation, data order and sampling."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numerical precision and FP8."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate and weight-decay schedules."""
+
+    loss: LossConfig = field(default_factory=SFTLossConfig)
+    """Loss; its 'kind' selects the loss and its fields (sft, dpo, grpo, ppo, distill)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch sizes, checkpoints."""
+
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """Frozen reference model."""
+
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Online rollouts (algorithm: grpo)."""
+
+    log: LogConfig = field(default_factory=LogConfig)
+    """Outputs and logging."""
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Cross-field checks; raises ``ValueError`` naming the fields. Runs before any group exists."""
+        world = world_size or self.default_world_size()
+        dp = self.parallel.data_parallel_size(world)
+        check_model_divisibility(
+            self.parallel,
+            num_layers=self.model.num_layers,
+            num_attention_heads=self.model.num_attention_heads,
+            num_query_groups=self.model.num_query_groups,
+            padded_vocab_size=self.model.padded_vocab_size(self.parallel.tp),
+        )
+        self._check_algorithm()
+        self._check_device()
+        self._check_lengths()
+        microbatches = self.train.num_microbatches(dp)
+        if self.parallel.vpp and microbatches % self.parallel.pp != 0:
+            raise ValueError(
+                f"interleaved pipelining needs micro-batches per rank ({microbatches}) to be a multiple "
+                f"of parallel.pp={self.parallel.pp}"
+            )
+        self._check_algorithm_batches(dp)
+
+    def default_world_size(self) -> int:
+        return self.nproc or self.parallel.world_size() or self.parallel.model_parallel_size()
+
+    def sequence_multiple(self) -> int:
+        """Padded sequence lengths must be multiples of this for the layout and precision."""
+        multiple = self.precision.seq_multiple() * (2 * self.parallel.cp if self.parallel.cp > 1 else 1)
+        if self.parallel.sequence_parallel:
+            multiple *= self.parallel.tp
+        return multiple
+
+    def _check_algorithm(self) -> None:
+        kinds, losses = ALGORITHMS[self.algorithm]
+        if self.data.kind not in kinds:
+            raise ValueError(f"algorithm={self.algorithm} reads data.kind {kinds}, got data.kind={self.data.kind!r}")
+        if self.loss.kind not in losses:
+            raise ValueError(f"algorithm={self.algorithm} trains with loss.kind {losses}, got loss.kind={self.loss.kind!r}")
+        needs_reference = self.algorithm in ("dpo", "distill") or getattr(self.loss, "kl_coef", 0.0) > 0
+        if needs_reference and self.reference.source == "none":
+            raise ValueError(
+                f"algorithm={self.algorithm} with loss.kind={self.loss.kind} needs a reference model: "
+                "set reference.source to 'initial' or 'checkpoint'"
+            )
+        exact_kl = getattr(self.loss, "kl_estimator", None) == "full" and getattr(self.loss, "kl_coef", 0.0) > 0
+        if (exact_kl or self.algorithm == "distill") and not self.reference.keep_logits:
+            raise ValueError("exact KL / distillation needs reference.keep_logits: true")
+        if self.loss.kind == "ppo" and getattr(self.loss, "value_coef", 0.0) > 0 and not self.model.value_head:
+            raise ValueError("loss.value_coef > 0 needs model.value_head: true")
+        if self.data.tokenizer == "byte" and self.model.vocab_size < 259:
+            raise ValueError(
+                f"model.vocab_size={self.model.vocab_size} is smaller than the byte tokenizer's 259 ids"
+            )
+
+    def _check_device(self) -> None:
+        if self.device == "cpu":
+            if self.parallel.cp > 1:
+                raise ValueError(
+                    f"parallel.cp={self.parallel.cp}: context parallelism needs Transformer Engine "
+                    "attention on CUDA; on device: cpu use parallel.cp=1"
+                )
+            if self.precision.fp8 is not None:
+                raise ValueError("precision.fp8 needs device: cuda with Transformer Engine")
+            if self.precision.dtype == "fp16":
+                raise ValueError("precision.dtype=fp16 is not supported on device: cpu; use fp32 or bf16")
+
+    def _check_lengths(self) -> None:
+        multiple = self.sequence_multiple()
+        if self.data.seq_length % multiple != 0:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length} must be a multiple of {multiple} for this layout "
+                f"and precision (sequence parallel tp={self.parallel.tp if self.parallel.sequence_parallel else 1}, "
+                f"cp={self.parallel.cp}, fp8 recipe {self.precision.fp8_recipe if self.precision.fp8 else 'none'})"
+            )
+        if self.data.seq_length > self.model.max_sequence_length:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length} exceeds model.max_sequence_length="
+                f"{self.model.max_sequence_length}"
+            )
+        if self.data.pad_to != "seq_length" and self.parallel.pp > 1:
+            raise ValueError("data.pad_to=longest needs parallel.pp=1 (pipeline stages exchange fixed shapes)")
+        if self.data.packing:
+            raise ValueError("data.packing is not supported by the trainer yet; use packing: false")
+
+    def _check_algorithm_batches(self, dp: int) -> None:
+        train = self.train
+        if self.algorithm == "dpo" and train.micro_batch_size % 2 != 0:
+            raise ValueError(f"dpo keeps pairs together: train.micro_batch_size={train.micro_batch_size} must be even")
+        if self.algorithm in ("grpo", "offline-rl"):
+            group = self.rollout.group_size if self.algorithm == "grpo" else None
+            if group is not None:
+                if train.global_batch_size % (group * dp) != 0:
+                    raise ValueError(
+                        f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+                        f"rollout.group_size={group} × dp={dp} (whole groups on every data-parallel rank)"
+                    )
+                if (train.global_batch_size // dp) % self.rollout.updates_per_rollout != 0:
+                    raise ValueError(
+                        "rows per data-parallel rank must split evenly into rollout.updates_per_rollout mini-batches"
+                    )
+                if self.data.seq_length < 4 + self.rollout.max_new_tokens:
+                    raise ValueError("data.seq_length leaves no room for prompts after rollout.max_new_tokens")

@@ -1,0 +1,1 @@
+"""Online RL: rollouts sampled from the policy, rewards, group advantages (GRPO)."""

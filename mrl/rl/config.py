@@ -1,0 +1,56 @@
+"""Typed configuration of online GRPO: sampling, rewards, advantages, warm-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mrl.data.config import DataConfig
+
+
+@dataclass
+class RolloutConfig:
+    """Online rollouts: G responses per prompt sampled from the policy itself, then rewarded."""
+
+    group_size: int = 4
+    """Responses sampled per prompt (G); train.global_batch_size counts responses, so prompts per
+    step = global_batch_size / group_size."""
+
+    max_new_tokens: int = 8
+    """Longest response, in tokens (generation also stops at eos)."""
+
+    temperature: float = 1.0
+    """Sampling temperature; the training log-probs use the same temperature."""
+
+    reward: str = "mrl.data.tasks:reverse_word_reward"
+    """Reward function as 'module:function', called as f(prompt, completion[, answer]) -> float."""
+
+    normalize_std: bool = True
+    """Divide group-centred rewards by the group's standard deviation (GRPO); false gives Dr. GRPO."""
+
+    leave_one_out: bool = False
+    """Baseline each response with the mean of the other responses of its group (RLOO)."""
+
+    updates_per_rollout: int = 1
+    """Optimizer steps taken on each rollout batch (split into this many mini-batches); 1 is
+    strictly on-policy (ratio exactly 1)."""
+
+    sft_warmup_steps: int = 0
+    """SFT steps on warmup_data before GRPO starts (gives a tiny random model a reward signal)."""
+
+    warmup_data: DataConfig = field(default_factory=lambda: DataConfig(kind="sft"))
+    """SFT data for the warm-up steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("group_size", "max_new_tokens", "updates_per_rollout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 for group advantages, got {self.group_size}")
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if self.sft_warmup_steps < 0:
+            raise ValueError(f"rollout.sft_warmup_steps must be >= 0, got {self.sft_warmup_steps}")
+        if ":" not in self.reward:
+            raise ValueError(f"rollout.reward must be 'module:function', got {self.reward!r}")
+        if self.warmup_data.kind != "sft":
+            raise ValueError(f"rollout.warmup_data.kind must be 'sft', got {self.warmup_data.kind!r}")

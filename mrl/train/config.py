@@ -1,0 +1,94 @@
+"""Typed configuration of the training loop, the reference model and logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch sizes, checkpointing and failure handling."""
+
+    steps: int = 10
+    """Optimizer steps to train for (a re-run resumes and stops at the same step)."""
+
+    global_batch_size: int = 8
+    """Rows per optimizer step over all data-parallel ranks (= micro · micro-batches · dp)."""
+
+    micro_batch_size: int = 2
+    """Rows per forward/backward pass on one rank."""
+
+    save_interval: int = 0
+    """Save a checkpoint every this many steps (0: only at the end)."""
+
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk (older ones are deleted after a successful save)."""
+
+    log_interval: int = 1
+    """Write a progress line every this many steps (metrics.jsonl always gets every step)."""
+
+    max_consecutive_bad_steps: int = 3
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient norm."""
+
+    init_checkpoint: Optional[str] = None
+    """Start from the model weights of this checkpoint directory (e.g. an SFT run's); optimizer
+    and step start fresh. Ignored when the run's own output directory has a checkpoint."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval",
+                     "max_consecutive_bad_steps", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        if self.save_interval < 0:
+            raise ValueError(f"train.save_interval must be >= 0, got {self.save_interval}")
+        if self.global_batch_size % self.micro_batch_size != 0:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+    def num_microbatches(self, dp: int) -> int:
+        """Micro-batches per rank per step; raises ``ValueError`` naming the batch sizes."""
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step != 0:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must equal train.micro_batch_size="
+                f"{self.micro_batch_size} × micro-batches × dp={dp}; it is not a multiple of {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy (KL penalty, DPO)."""
+
+    source: Literal["none", "initial", "checkpoint"] = "none"
+    """'initial': a frozen copy of the policy's starting weights; 'checkpoint': weights loaded from
+    reference.checkpoint; 'none': no reference model (reference log-probs must come from data)."""
+
+    checkpoint: Optional[str] = None
+    """Checkpoint directory for source='checkpoint'."""
+
+    keep_logits: bool = False
+    """Keep the reference logits (sharded) for exact full-vocabulary KL or distillation instead of
+    only the reference log-probs of the labels. Costs one logits shard per row of the step."""
+
+    def __post_init__(self) -> None:
+        if self.source == "checkpoint" and not self.checkpoint:
+            raise ValueError("reference.source=checkpoint needs reference.checkpoint")
+
+
+@dataclass
+class LogConfig:
+    """Where and how metrics are written."""
+
+    output_dir: str = "outputs/run"
+    """Run directory: config.yaml, metrics.jsonl and checkpoints/ go here."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <output_dir>/tensorboard (needs the tensorboard extra)."""
+
+    progress: bool = True
+    """Print a progress line with ETA on the logging rank."""

@@ -1,0 +1,50 @@
+"""Forward-only passes: per-token log-probs (or logits) of a policy or reference model.
+
+Used for the reference model's log-probs (KL penalty, DPO), the old policy's log-probs (PPO
+ratio) and the logits a sampler needs. The result lands in each micro-batch dict on the last
+pipeline stage (earlier stages never read loss inputs). The same schedule and micro-batching as
+training is used, so on-policy "old" log-probs equal the training pass's exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mrl.losses.base import split_model_output
+from mrl.ops import vocab_parallel_logprobs
+from mrl.parallel.layout import ParallelLayout
+from mrl.train.step import run_schedule
+
+
+@torch.no_grad()
+def annotate_logprobs(chunks: list, micro_batches: list[dict], layout: ParallelLayout, *, key: str,
+                      vocab_size: int, temperature: float = 1.0, keep_logits_key: str | None = None,
+                      values_key: str | None = None, chunk_size: int | None = None) -> None:
+    """Store ``log p(labels)`` of ``chunks``' model as ``batch[key]`` ([B, S] fp32) on the last stage.
+
+    ``keep_logits_key`` also stores the vocab-sharded logits; ``values_key`` the value head's
+    output. Positions with ``labels == ignore_index`` get 0.
+    """
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
+
+    def collect(batch, output):
+        logits, values = split_model_output(output)  # [B, S, V/tp], [B, S] or None
+        batch[key] = vocab_parallel_logprobs(
+            logits, batch["labels"], layout.tp_group, temperature=temperature,
+            vocab_size=vocab_size, chunk_size=chunk_size,
+        )
+        if keep_logits_key is not None:
+            batch[keep_logits_key] = logits.detach().clone()
+        if values_key is not None and values is not None:
+            batch[values_key] = values.detach().float()
+        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+        return zero, torch.zeros((), dtype=torch.int), {}
+
+    try:
+        run_schedule(chunks, micro_batches, collect, forward_only=True,
+                     seq_length=micro_batches[0]["tokens"].shape[1])
+    finally:
+        for chunk, mode in zip(chunks, was_training):
+            chunk.train(mode)

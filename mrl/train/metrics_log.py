@@ -1,0 +1,88 @@
+"""Per-step metrics: metrics.jsonl, optional TensorBoard, a progress line with ETA.
+
+Only the logging rank writes (the last global rank: a last pipeline stage, where losses live).
+``metrics.jsonl`` gets one JSON object per step; a resumed run appends after truncating any
+lines at or beyond the step it resumes from, so the file always reads as one clean curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsLog:
+    """Writes step records on the logging rank; a no-op elsewhere."""
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, progress: bool = True,
+                 tensorboard: bool = False, log_interval: int = 1) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.progress = progress
+        self.log_interval = log_interval
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._start = time.monotonic()
+        self._start_step: int | None = None
+        self._tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def resume_from(self, step: int) -> None:
+        """Drop records of steps > ``step`` (they were not checkpointed and will be redone)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        if self._start_step is None:
+            self._start_step, self._start = step - 1, time.monotonic()
+        clean = {key: _jsonable(value) for key, value in record.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(clean, sort_keys=True) + "\n")
+        if self._tb is not None:
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, step)
+        if self.progress and (step % self.log_interval == 0 or step == self.total_steps):
+            print(self._progress_line(clean), file=sys.stdout, flush=True)
+
+    def _progress_line(self, record: dict) -> str:
+        step = record["step"]
+        done = step - (self._start_step or 0)
+        elapsed = time.monotonic() - self._start
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        parts = [f"step {step}/{self.total_steps}", f"loss {record.get('loss', float('nan')):.4f}"]
+        for key in ("reward_mean", "grad_norm", "lr"):
+            if isinstance(record.get(key), (int, float)):
+                parts.append(f"{key} {record[key]:.4g}")
+        if record.get("skipped"):
+            parts.append(f"SKIPPED ({record.get('skip_reason')})")
+        parts.append(f"{record.get('tokens_per_s', 0):.0f} tok/s")
+        parts.append(f"eta {_duration(eta)}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,236 @@
+"""The training loop: build everything from a ``JobConfig``, then step, log and checkpoint.
+
+``Trainer`` trains on a data loader (sft, dpo, offline-rl, distill); ``mrl.rl.grpo.GRPOTrainer``
+replaces the batch source with online rollouts. One step:
+
+    micro_batches = next_batches()            # this DP rank's rows of the global batch
+    prepare(micro_batches)                    # reference / old-policy log-probs, advantages
+    counts = global counts                    # one all-reduce over DP
+    result = step(micro_batches, counts)      # forward/backward, guard, optimizer step
+    log; maybe checkpoint
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mrl.config.job import JobConfig
+from mrl.data import build_data_loader, build_dataset, build_tokenizer
+from mrl.losses import functional as LF
+from mrl.losses.base import compute_global_counts
+from mrl.losses.factory import build_loss
+from mrl.losses.metrics import MetricsAccumulator
+from mrl.model.builder import build_model, freeze
+from mrl.parallel.layout import ParallelLayout
+from mrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mrl.train.forward import annotate_logprobs
+from mrl.train.metrics_log import MetricsLog
+from mrl.train.optim import build_optimizer, wrap_ddp
+from mrl.train.schedules import Scheduler
+from mrl.train.step import StepResult, TrainStep
+
+
+class Trainer:
+    """Builds model, optimizer, loss and data from ``cfg`` on ``layout`` and runs the loop."""
+
+    def __init__(self, cfg: JobConfig, layout: ParallelLayout) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+        self.output_dir = Path(cfg.log.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} ids"
+            )
+        chunks = build_model(cfg.model, cfg.precision, layout, cfg.device, seed=cfg.seed)
+        self.reference = self._build_reference()
+        self.model = wrap_ddp(chunks, cfg.optim, layout)
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.precision, layout)
+        self.scheduler = Scheduler(cfg.scheduler, self.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.train.steps)
+        self.loss_fn = build_loss(cfg.loss, vocab_size=cfg.model.vocab_size)
+        self.train_step = TrainStep(self.model, self.optimizer, self.scheduler, layout, self.loss_fn,
+                                    MetricsAccumulator, max_consecutive_bad_steps=cfg.train.max_consecutive_bad_steps)
+        self.log = MetricsLog(self.output_dir, enabled=dist.get_rank() == dist.get_world_size() - 1,
+                              total_steps=cfg.train.steps, progress=cfg.log.progress,
+                              tensorboard=cfg.log.tensorboard, log_interval=cfg.train.log_interval)
+        self.step = 0
+        self.data = self._build_data()
+
+    # Construction -------------------------------------------------------------------------------
+
+    def _build_data(self):
+        cfg = self.cfg
+        dataset = build_dataset(cfg.data, self.tokenizer)
+        return build_data_loader(
+            dataset, global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, pad_to_multiple_of=cfg.sequence_multiple(),
+        )
+
+    def _build_reference(self) -> list | None:
+        ref = self.cfg.reference
+        if ref.source == "none":
+            return None
+        # The same seed gives the same initial weights (layout-invariant initialisation).
+        chunks = freeze(build_model(self.cfg.model, self.cfg.precision, self.layout, self.cfg.device,
+                                    seed=self.cfg.seed))
+        source = ref.checkpoint if ref.source == "checkpoint" else self.cfg.train.init_checkpoint
+        if source:
+            load_checkpoint(_resolve_checkpoint(source), chunks, None, self.layout, reseed=self.cfg.seed,
+                            restore_rng=False)
+        return chunks
+
+    # The loop -----------------------------------------------------------------------------------
+
+    def train(self) -> list[StepResult]:
+        self._resume()
+        results = []
+        while self.step < self.cfg.train.steps:
+            results.append(self.train_one_step())
+            if self._should_save():
+                self.save()
+        self.log.close()
+        return results
+
+    def train_one_step(self) -> StepResult:
+        started = time.monotonic()
+        micro_batches, extra = self.next_batches()
+        self.prepare(micro_batches)
+        counts = compute_global_counts(micro_batches, self.layout.dp_group,
+                                       paired=self.loss_fn.normalizer == "pairs")
+        lr = self.scheduler.lr
+        result = self.train_step(micro_batches, counts)
+        self.step += 1
+        self._log_step(result, counts, dict(extra, lr=lr), time.monotonic() - started)
+        return result
+
+    def next_batches(self) -> tuple[list[dict], dict[str, float]]:
+        """This rank's micro-batches for the next step, and metrics about them."""
+        batches = [batch.to(self.device).as_dict() for batch in self.data.next_step()]
+        extra = {}
+        if self.cfg.algorithm == "offline-rl":
+            extra = self._offline_advantages(batches)
+        return batches, extra
+
+    def prepare(self, micro_batches: list[dict]) -> None:
+        """Add the reference and old-policy log-probs the loss needs."""
+        cfg = self.cfg
+        temperature = getattr(cfg.loss, "temperature", 1.0)
+        if self.reference is not None:
+            annotate_logprobs(self.reference, micro_batches, self.layout, key="ref_logprobs",
+                              vocab_size=cfg.model.vocab_size, temperature=temperature,
+                              keep_logits_key="ref_logits" if cfg.reference.keep_logits else None,
+                              chunk_size=cfg.loss.chunk_size)
+        if cfg.loss.kind in ("grpo", "ppo") and "old_logprobs" not in micro_batches[0]:
+            annotate_logprobs(self.model, micro_batches, self.layout, key="old_logprobs",
+                              vocab_size=cfg.model.vocab_size, temperature=temperature,
+                              values_key="old_values" if cfg.model.value_head else None,
+                              chunk_size=cfg.loss.chunk_size)
+
+    def _offline_advantages(self, batches: list[dict]) -> dict[str, float]:
+        """GRPO advantages from the rollout rewards, groups gathered across DP ranks."""
+        rewards = torch.cat([b["rewards"] for b in batches]).float()  # [rows]
+        groups = torch.cat([b["group_ids"] for b in batches])  # [rows]
+        all_rewards, all_groups = _all_gather_rows(rewards, self.layout.dp_group), _all_gather_rows(groups, self.layout.dp_group)
+        advantages, _ = LF.group_advantages(all_rewards, group_ids=all_groups,
+                                            normalize_std=self.cfg.rollout.normalize_std,
+                                            leave_one_out=self.cfg.rollout.leave_one_out)
+        local = advantages.view(self.layout.dp, -1)[self.layout.dp_rank]
+        offset = 0
+        for batch in batches:
+            rows = batch["rewards"].shape[0]
+            batch["advantages"] = local[offset: offset + rows]
+            if "behaviour_logprobs" in batch and self.cfg.loss.kind in ("grpo", "ppo"):
+                batch.setdefault("old_logprobs", batch["behaviour_logprobs"])
+            offset += rows
+        return {"reward_mean": float(all_rewards.mean())}
+
+    # Logging and checkpoints ----------------------------------------------------------------------
+
+    def _log_step(self, result: StepResult, counts, extra: dict, seconds: float) -> None:
+        record = {
+            "step": self.step,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "skipped": result.skipped,
+            "skipped_total": self.train_step.skipped_total,
+            "num_tokens": counts.num_tokens,
+            "tokens_per_s": counts.num_tokens / max(seconds, 1e-9),
+            "step_time_s": seconds,
+        }
+        if result.skip_reason:
+            record["skip_reason"] = result.skip_reason
+        record.update({k: v for k, v in result.metrics.items() if k != "loss"})
+        record.update(extra)
+        self.log.write(record)
+
+    def _should_save(self) -> bool:
+        interval = self.cfg.train.save_interval
+        return self.step == self.cfg.train.steps or (interval > 0 and self.step % interval == 0)
+
+    def trainer_state(self) -> dict:
+        return {"data": self.data.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "skipped_total": self.train_step.skipped_total, "seed": self.cfg.seed}
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.data.load_state_dict(state["data"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_step.skipped_total = state["skipped_total"]
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, self.layout,
+                               self.trainer_state())
+        if dist.get_rank() == 0:
+            kept = sorted(p for p in self.checkpoint_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+            for old in kept[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return path
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is not None:
+            state = load_checkpoint(path, self.model, self.optimizer, self.layout, reseed=self.cfg.seed)
+            self.step = int(state["step"])
+            self.load_trainer_state(state)
+            self.log.resume_from(self.step)
+            self.announce(f"resumed from {path} at step {self.step}"
+                          + (" (resharded to a new layout)" if state["resharded"] else ""))
+        elif self.cfg.train.init_checkpoint:
+            source = _resolve_checkpoint(self.cfg.train.init_checkpoint)
+            load_checkpoint(source, self.model, None, self.layout, reseed=self.cfg.seed, restore_rng=False)
+            self.announce(f"initialised model weights from {source}")
+
+    def announce(self, message: str) -> None:
+        if self.log.enabled:
+            print(f"[mrl] {message}", flush=True)
+
+
+def _resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a run/checkpoints directory whose ``latest`` names one."""
+    from mrl.train.checkpoint import CheckpointError
+
+    root = Path(path)
+    for candidate in (root, root / "checkpoints"):
+        found = latest_checkpoint(candidate) if (candidate / "latest").exists() else None
+        if found is not None:
+            return found
+    if (root / "trainer.json").is_file():
+        return root
+    raise CheckpointError(f"no checkpoint at {root}: expected a step directory with trainer.json or a 'latest' file")
+
+
+def _all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate equally sized 1-d tensors of every rank of ``group`` in rank order."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
