@@ -8,6 +8,8 @@ Cases return ``{check name: relative error}`` and the tests assert each against 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,40 +133,42 @@ def case_values_and_grads(tp: int, seed: int, dtype_name: str, chunk_size):
     layout, group = _layout(tp)
     gen = torch.Generator().manual_seed(seed * 100 + layout.dp_rank)
     check = _Check(tp, layout.tp_rank)
-    ck = dict(chunk_size=chunk_size)
     for vocab, vs in ((PADDED_V, None), (TRUE_V, TRUE_V)):
-        tag = f"V={vocab}"
+        tag, kw = f"V={vocab}", dict(vocab_size=vs, chunk_size=chunk_size)
         x = _full_logits(gen, dtype)
         q = _full_logits(gen, dtype, scale=2.0)
         y = _labels(gen, tp, vocab)
-        check(f"{tag} logprobs", lambda s: ops.vocab_parallel_logprobs(s, y, group, vocab_size=vs, **ck),
-              lambda f: _ref_gather(_ref_logp(f, vocab), y), [x], gen)
-        check(f"{tag} logprobs T=0.7", lambda s: ops.vocab_parallel_logprobs(s, y, group, temperature=0.7, vocab_size=vs, **ck),
-              lambda f: _ref_gather(_ref_logp(f, vocab, 0.7), y), [x], gen)
-        check(f"{tag} entropy T=1.3", lambda s: ops.vocab_parallel_entropy(s, group, temperature=1.3, vocab_size=vs, **ck),
-              lambda f: _ref_entropy(_ref_logp(f, vocab, 1.3)), [x], gen)
+
+        def logp(f, temperature=1.0):
+            return _ref_logp(f, vocab, temperature)
+
+        check(f"{tag} logprobs", lambda s: ops.vocab_parallel_logprobs(s, y, group, **kw),
+              lambda f: _ref_gather(logp(f), y), [x], gen)
+        check(f"{tag} logprobs T=0.7", lambda s: ops.vocab_parallel_logprobs(s, y, group, temperature=0.7, **kw),
+              lambda f: _ref_gather(logp(f, 0.7), y), [x], gen)
+        check(f"{tag} entropy T=1.3", lambda s: ops.vocab_parallel_entropy(s, group, temperature=1.3, **kw),
+              lambda f: _ref_entropy(logp(f, 1.3)), [x], gen)
         # Fused: both outputs weighted independently through one stacked output.
-        check(f"{tag} fused",
-              lambda s: torch.stack(ops.vocab_parallel_logprobs_and_entropy(s, y, group, vocab_size=vs, **ck)),
-              lambda f: torch.stack([_ref_gather(_ref_logp(f, vocab), y), _ref_entropy(_ref_logp(f, vocab))]),
-              [x], gen)
-        check(f"{tag} logsumexp", lambda s: ops.vocab_parallel_logsumexp(s, group, vocab_size=vs, **ck),
+        check(f"{tag} fused", lambda s: torch.stack(ops.vocab_parallel_logprobs_and_entropy(s, y, group, **kw)),
+              lambda f: torch.stack([_ref_gather(logp(f), y), _ref_entropy(logp(f))]), [x], gen)
+        check(f"{tag} logsumexp", lambda s: ops.vocab_parallel_logsumexp(s, group, **kw),
               lambda f: torch.logsumexp(f[..., :vocab], -1), [x], gen)
         for eps in (0.0, 0.1):
             check(f"{tag} cross_entropy eps={eps}",
-                  lambda s: ops.vocab_parallel_cross_entropy(s, y, group, label_smoothing=eps, vocab_size=vs, **ck),
+                  lambda s: ops.vocab_parallel_cross_entropy(s, y, group, label_smoothing=eps, **kw),
                   lambda f: _ref_ce(f, y, vocab, eps), [x], gen)
-        check(f"{tag} kl T=0.9", lambda p, r: ops.vocab_parallel_kl(p, r, group, temperature=0.9, vocab_size=vs, **ck),
-              lambda p, r: _ref_kl(_ref_logp(p, vocab, 0.9), _ref_logp(r, vocab, 0.9)), [x, q], gen)
+        check(f"{tag} kl T=0.9", lambda p, r: ops.vocab_parallel_kl(p, r, group, temperature=0.9, **kw),
+              lambda p, r: _ref_kl(logp(p, 0.9), logp(r, 0.9)), [x, q], gen)
         # The local shard of log p (0 on padded columns) against the full one.
         valid = _valid(tp, layout.tp_rank, vocab)
         check(f"{tag} log_softmax",
-              lambda s: _zero_padding(ops.vocab_parallel_log_softmax(s, group, temperature=1.5, vocab_size=vs, **ck), valid),
-              lambda f: torch.cat([_ref_logp(f, vocab, 1.5), f[..., vocab:] * 0], -1), [x], gen, sharded_output=True)
-        tail = ops.vocab_parallel_log_softmax(_shard(x, tp, layout.tp_rank), group, vocab_size=vs)[..., valid:]
-        check.errors[f"{tag} log_softmax padded columns are -inf"] = 0.0 if bool((tail == float("-inf")).all()) else float("inf")
+              lambda s: _zero_padding(ops.vocab_parallel_log_softmax(s, group, temperature=1.5, **kw), valid),
+              lambda f: torch.cat([logp(f, 1.5), f[..., vocab:] * 0], -1), [x], gen, sharded_output=True)
+        tail = ops.vocab_parallel_log_softmax(_shard(x, tp, layout.tp_rank), group, **kw)[..., valid:]
+        padded_ok = bool((tail == float("-inf")).all())
+        check.errors[f"{tag} log_softmax padded columns are -inf"] = 0.0 if padded_ok else float("inf")
 
-    if dtype == torch.float32:  # Megatron-Core's own op agrees (it needs a copy: it overwrites fp32 input)
+    if dtype == torch.float32:  # Megatron-Core's own op agrees (given a copy: it overwrites fp32 input)
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as mcore_ce
 
         x, y = _full_logits(gen, dtype), _labels(gen, tp, PADDED_V).clamp(min=0)
@@ -212,14 +216,14 @@ def case_chunking_and_hostile(tp: int, seed: int):
         big = _full_logits(gen, dtype, scale=1e4)
         q = _full_logits(gen, dtype, scale=1e4)
         y = _labels(gen, tp, PADDED_V)
-        check(f"{tag} fused",
-              lambda s: torch.stack(ops.vocab_parallel_logprobs_and_entropy(s, y, group)),
-              lambda f: torch.stack([_ref_gather(_ref_logp(f, PADDED_V), y), _ref_entropy(_ref_logp(f, PADDED_V))]),
-              [big], gen)
-        check(f"{tag} kl", lambda p, r: ops.vocab_parallel_kl(p, r, group), lambda p, r: _ref_kl(_ref_logp(p, PADDED_V), _ref_logp(r, PADDED_V)), [big, q], gen)
+        logp = functools.partial(_ref_logp, vocab=PADDED_V)
+        check(f"{tag} fused", lambda s: torch.stack(ops.vocab_parallel_logprobs_and_entropy(s, y, group)),
+              lambda f: torch.stack([_ref_gather(logp(f), y), _ref_entropy(logp(f))]), [big], gen)
+        check(f"{tag} kl", lambda p, r: ops.vocab_parallel_kl(p, r, group),
+              lambda p, r: _ref_kl(logp(p), logp(r)), [big, q], gen)
         check(f"{tag} cross_entropy", lambda s: ops.vocab_parallel_cross_entropy(s, y, group, label_smoothing=0.2),
               lambda f: _ref_ce(f, y, PADDED_V, 0.2), [big], gen)
-    errors.update({k: v for k, v in check.errors.items()})
+    errors.update(check.errors)
 
     # A fully ignored batch: zero values, zero gradients, no NaN.
     s = x.clone().requires_grad_(True)

@@ -41,7 +41,9 @@ class VocabShard:
     def of(cls, logits: torch.Tensor, group, vocab_size: int | None) -> "VocabShard":
         """The shard of ``logits`` (``[..., V_local]``) held by this rank of ``group``."""
         if logits.dim() < 1 or logits.shape[-1] == 0:
-            raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got {tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must have a non-empty last (vocabulary) dimension, got {tuple(logits.shape)}"
+            )
         if not logits.is_floating_point():
             raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
         local = logits.shape[-1]

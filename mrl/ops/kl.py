@@ -61,7 +61,7 @@ class _VocabParallelKL(torch.autograd.Function):
             parts = [torch.zeros_like(s_p)] * 3
         sums = all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, group)  # [3, tokens]
         mean_d = sums[2] / sums[0]  # E_p[d]
-        ctx.group, ctx.shard, ctx.scale, ctx.chunk = group, shard, scale, chunk
+        ctx.shard, ctx.scale, ctx.chunk = shard, scale, chunk
         ctx.save_for_backward(logits_p, logits_q, big, sums, mean_d)
         return mean_d - sums[0].log() + sums[1].log()
 

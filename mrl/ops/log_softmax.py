@@ -22,13 +22,14 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, group, shard: VocabShard, scale: float, chunk: int):
         x = logits.reshape(-1, shard.local_size)  # [tokens, V/tp]
-        big_m, packed = reduce_stats(local_stats(x, shard, scale, chunk, with_u=False, with_sum_z=False), shard, group)
-        log_s = packed[0].log()
+        stats = local_stats(x, shard, scale, chunk, with_u=False, with_sum_z=False)
+        big_m, packed = reduce_stats(stats, shard, group)
+        log_s = packed[0].log().unsqueeze(-1)  # [tokens, 1]
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # [tokens, V/tp]
         cols = shard.valid
         out[:, cols:] = float("-inf")
         for r0, r1 in row_chunks(x.shape[0], chunk):
-            shift_into(out[r0:r1, :cols], x[r0:r1, :cols], big_m[r0:r1], scale).sub_(log_s[r0:r1].unsqueeze(-1))
+            shift_into(out[r0:r1, :cols], x[r0:r1, :cols], big_m[r0:r1], scale).sub_(log_s[r0:r1])
         ctx.group, ctx.shard, ctx.scale, ctx.chunk = group, shard, scale, chunk
         ctx.input_dtype, ctx.input_shape = logits.dtype, logits.shape
         ctx.save_for_backward(out)

@@ -13,8 +13,9 @@ One autograd Function computes any subset of {log p_y, H, lse, mean_v(-log p_v)}
   ``(u_r + (m_r-M) s_r) e^{m_r-M}``, ``Σ (z-M)`` and the label logit gives ``S``, ``U``, ... with
   ``lse = M + log S`` and ``E_p[z] - M = U/S``. Two collectives whatever is asked for.
 * backward: no communication. The saved input and the per-token ``M, S, U/S`` recompute
-  ``p = e^{z-M}/S`` chunk by chunk and write ``∂/∂z_j = p_j(α + β(z_j - M)) + a·1[j=y] - d/V`` (``a, b, c,
-  d`` the upstream gradients of log p_y, H, lse and the smoothing term) into one buffer.
+  ``p = e^{z-M}/S`` chunk by chunk and write ``∂/∂z_j = p_j(α + β(z_j - M)) + a·1[j=y] - d/V``
+  into one buffer, where ``α = c + d - a + b·U/S`` and ``β = -b`` with ``a, b, c, d`` the
+  upstream gradients of log p_y, H, lse and the smoothing term.
 
 The input is never modified and never gathered; results are fp32 whatever the input dtype.
 """
@@ -100,10 +101,10 @@ class _VocabParallelStats(torch.autograd.Function):
             outputs[2] = big_m + log_s
         if want_smooth:
             mean_logit = packed[1 + want_entropy] / shard.vocab_size  # mean_v z_v - M
-            outputs[3] = log_s - mean_logit if kept is None else torch.where(kept, log_s - mean_logit, 0.0)
+            outputs[3] = torch.where(kept, log_s - mean_logit, 0.0)
 
         ctx.set_materialize_grads(False)
-        ctx.group, ctx.shard, ctx.scale, ctx.chunk = group, shard, scale, chunk
+        ctx.shard, ctx.scale, ctx.chunk = shard, scale, chunk
         if labels is None:
             col = owned = kept
         ctx.save_for_backward(logits, big_m, packed[0], mean_z, col, owned, kept)
@@ -130,9 +131,7 @@ class _VocabParallelStats(torch.autograd.Function):
         if g_lse is not None:
             alpha += g_lse.reshape(-1).float() * scale
         if g_smooth is not None:
-            d = g_smooth.reshape(-1).float() * scale
-            if kept is not None:
-                d = torch.where(kept, d, 0.0)
+            d = torch.where(kept, g_smooth.reshape(-1).float(), 0.0) * scale
             alpha += d
             const = d / shard.vocab_size
         x = logits.reshape(-1, shard.local_size)
