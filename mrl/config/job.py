@@ -176,5 +176,10 @@ class JobConfig:
                     raise ValueError(
                         "rows per data-parallel rank must split evenly into rollout.updates_per_rollout mini-batches"
                     )
+                if getattr(self.loss, "temperature", 1.0) != self.rollout.temperature:
+                    raise ValueError(
+                        f"loss.temperature={getattr(self.loss, 'temperature', 1.0)} must equal "
+                        f"rollout.temperature={self.rollout.temperature} (log-probs of the sampling distribution)"
+                    )
                 if self.data.seq_length < 4 + self.rollout.max_new_tokens:
                     raise ValueError("data.seq_length leaves no room for prompts after rollout.max_new_tokens")

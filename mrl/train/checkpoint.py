@@ -60,11 +60,14 @@ def _model_key(index: int, count: int) -> str:
     return f"model{index}" if count > 1 else "model"
 
 
-def _sharded_state(chunks: list, optimizer, is_loading: bool) -> dict:
+def _sharded_state(chunks: list, optimizer, is_loading: bool, extra_models: dict | None = None) -> dict:
     model_state = {}
     for index, chunk in enumerate(chunks):
         model_state[_model_key(index, len(chunks))] = _unwrap_ddp(chunk).sharded_state_dict()
     state = dict(model_state)
+    for name, extra in (extra_models or {}).items():
+        for index, chunk in enumerate(extra):
+            state[f"{name}.{_model_key(index, len(extra))}"] = chunk.sharded_state_dict(prefix=f"{name}.")
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading,
@@ -96,6 +99,10 @@ def _ensure_optimizer_state(optimizer) -> None:
                 param.grad = None
 
 
+def _strip_prefix(state: dict, prefix: str) -> dict:
+    return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+
+
 def _rng_state() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -115,8 +122,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, chunks: list, optimizer, layout: ParallelLayout,
-                    trainer_state: dict) -> Path:
-    """Save a complete checkpoint of ``step`` atomically; returns its directory."""
+                    trainer_state: dict, extra_models: dict | None = None) -> Path:
+    """Save a complete checkpoint of ``step`` atomically; returns its directory.
+
+    ``extra_models`` (name -> chunks) are saved beside the trained model (e.g. a reference model).
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -128,7 +138,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: list, optimizer,
             shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(partial))
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, False, extra_models), str(partial))
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), partial / "rng" / f"rank{dist.get_rank():05d}.pt")
     dist.barrier()
@@ -179,7 +189,7 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: ParallelLayout,
-                    *, reseed: int | None = None, restore_rng: bool = True) -> dict:
+                    *, reseed: int | None = None, restore_rng: bool = True, extra_models: dict | None = None) -> dict:
     """Load model, optimizer (unless None) and RNG state from ``path``; return the trainer state.
 
     At a different layout the RNG is re-seeded with ``reseed`` (which must then be given);
@@ -191,13 +201,16 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: Pa
     state = read_trainer_state(path)
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
-    sharded = _sharded_state(chunks, optimizer, is_loading=True)
+    sharded = _sharded_state(chunks, optimizer, True, extra_models)
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as exc:  # Megatron raises many types for unreadable or foreign files
         raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     for index, chunk in enumerate(chunks):
         _unwrap_ddp(chunk).load_state_dict(loaded[_model_key(index, len(chunks))])
+    for name, extra in (extra_models or {}).items():
+        for index, chunk in enumerate(extra):
+            chunk.load_state_dict(_strip_prefix(loaded[f"{name}.{_model_key(index, len(extra))}"], f"{name}."))
     if optimizer is not None:
         load_megatron_optimizer_state(optimizer, loaded["optimizer"])
     same_layout = state.get("layout") == _layout_key(layout)

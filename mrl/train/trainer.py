@@ -174,6 +174,10 @@ class Trainer:
         interval = self.cfg.train.save_interval
         return self.step == self.cfg.train.steps or (interval > 0 and self.step % interval == 0)
 
+    def extra_models(self) -> dict[str, list]:
+        """Models saved in checkpoints beside the policy (none for data-driven training)."""
+        return {}
+
     def trainer_state(self) -> dict:
         return {"data": self.data.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "skipped_total": self.train_step.skipped_total, "seed": self.cfg.seed}
@@ -185,7 +189,7 @@ class Trainer:
 
     def save(self) -> Path:
         path = save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, self.layout,
-                               self.trainer_state())
+                               self.trainer_state(), self.extra_models())
         if dist.get_rank() == 0:
             kept = sorted(p for p in self.checkpoint_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
             for old in kept[: -self.cfg.train.keep_checkpoints]:
@@ -196,7 +200,8 @@ class Trainer:
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is not None:
-            state = load_checkpoint(path, self.model, self.optimizer, self.layout, reseed=self.cfg.seed)
+            state = load_checkpoint(path, self.model, self.optimizer, self.layout, reseed=self.cfg.seed,
+                                    extra_models=self.extra_models())
             self.step = int(state["step"])
             self.load_trainer_state(state)
             self.log.resume_from(self.step)

@@ -1,0 +1,212 @@
+"""Online GRPO: sample G responses per prompt from the policy, reward them, update on-policy.
+
+One rollout (per ``rollout.updates_per_rollout`` optimizer steps):
+  1. this DP rank's prompts (whole groups stay on one rank), each repeated G times;
+  2. completions from the ``RolloutSource`` (``PolicySampler`` by default);
+  3. rewards from the reward function; group-normalised advantages (zero-variance groups get 0);
+  4. old-policy log-probs (and reference log-probs for the KL term) with the same micro-batching
+     as training, so the first update is exactly on-policy (ratio 1);
+  5. the rows are split into mini-batches, one optimizer step each.
+
+With ``rollout.sft_warmup_steps`` the run starts with SFT steps on ``rollout.warmup_data`` (a
+random tiny model almost never earns reward, so GRPO would have no signal); the reference model
+is then the policy as the warm-up left it, and it is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mrl.data import build_data_loader, build_dataset
+from mrl.data.loader import build_sampler
+from mrl.data.sequences import IGNORE_INDEX
+from mrl.data.tasks import load_reward_fn
+from mrl.losses import functional as LF
+from mrl.losses.base import compute_global_counts
+from mrl.losses.factory import build_loss
+from mrl.losses.metrics import MetricsAccumulator
+from mrl.losses.sft import SFTLossConfig
+from mrl.rl.sampler import PolicySampler
+from mrl.train.forward import annotate_logprobs
+from mrl.train.schedules import Scheduler, SchedulerConfig
+from mrl.train.step import TrainStep
+from mrl.train.trainer import Trainer
+
+
+class GRPOTrainer(Trainer):
+    """``Trainer`` whose batches are online rollouts of the policy."""
+
+    def __init__(self, cfg, layout) -> None:
+        super().__init__(cfg, layout)
+        self.reward_fn = load_reward_fn(cfg.rollout.reward)
+        self.sampler = PolicySampler(
+            self.model, layout, seq_length=cfg.data.seq_length, vocab_size=cfg.model.vocab_size,
+            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+            micro_batch_size=cfg.train.micro_batch_size,
+        )
+        self.queue: list[tuple[list[dict], dict]] = []
+
+    # Prompts ------------------------------------------------------------------------------------
+
+    def _build_data(self):
+        cfg = self.cfg
+        self.prompts = build_dataset(cfg.data, self.tokenizer)
+        prompts_per_step = cfg.train.global_batch_size // cfg.rollout.group_size
+        return build_sampler(self.prompts, global_batch_size=prompts_per_step,
+                             micro_batch_size=prompts_per_step // self.layout.dp,
+                             dp_rank=self.layout.dp_rank, dp_size=self.layout.dp)
+
+    def _build_reference(self):
+        if self.cfg.reference.source == "none" and self.cfg.rollout.sft_warmup_steps > 0 and self._needs_kl():
+            raise ValueError("a KL penalty after SFT warm-up needs reference.source: initial")
+        return super()._build_reference()
+
+    def _needs_kl(self) -> bool:
+        return getattr(self.cfg.loss, "kl_coef", 0.0) > 0
+
+    # Rollouts -----------------------------------------------------------------------------------
+
+    def next_batches(self) -> tuple[list[dict], dict[str, float]]:
+        if not self.queue:
+            self.queue = self._rollout()
+        return self.queue.pop(0)
+
+    def prepare(self, micro_batches: list[dict]) -> None:
+        """Log-probs were computed once per rollout, before any update (see ``_rollout``)."""
+
+    def _rollout(self) -> list[tuple[list[dict], dict]]:
+        cfg = self.cfg
+        group = cfg.rollout.group_size
+        examples = [self.prompts[i] for batch in self.data.next_step() for i in batch]
+        prompts = [list(map(int, ex.tokens)) for ex in examples for _ in range(group)]
+        completions = self.sampler.generate(prompts, seed=cfg.seed * 1_000_003 + self.step)
+        rewards = torch.tensor([
+            self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, self.tokenizer.eos_id)), ex.answer)
+            for ex, c in zip((ex for ex in examples for _ in range(group)), completions)
+        ], dtype=torch.float32)  # [rows]
+        advantages, adv_metrics = LF.group_advantages(rewards, group, normalize_std=cfg.rollout.normalize_std,
+                                                      leave_one_out=cfg.rollout.leave_one_out)
+        rows = [self._row(p, c, a) for p, c, a in zip(prompts, completions, advantages.tolist())]
+        micro = cfg.train.micro_batch_size
+        micro_batches = [_stack(rows[i: i + micro], self.device) for i in range(0, len(rows), micro)]
+        self._annotate(micro_batches)
+        metrics = self._rollout_metrics(rewards, completions, adv_metrics)
+        per_update = len(micro_batches) // cfg.rollout.updates_per_rollout
+        return [(micro_batches[i: i + per_update], metrics) for i in range(0, len(micro_batches), per_update)]
+
+    def _row(self, prompt: list[int], completion: list[int], advantage: float) -> dict:
+        length = self.cfg.data.seq_length
+        full = prompt + completion
+        tokens = torch.full((length,), self.tokenizer.pad_id, dtype=torch.long)
+        tokens[: len(full)] = torch.tensor(full)
+        labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+        start = len(prompt) - 1  # position that predicts the first completion token
+        labels[start: start + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        return {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).long(),
+                "position_ids": torch.arange(length), "advantages": torch.tensor(advantage)}
+
+    def _annotate(self, micro_batches: list[dict]) -> None:
+        cfg = self.cfg
+        temperature = getattr(cfg.loss, "temperature", 1.0)
+        annotate_logprobs(self.model, micro_batches, self.layout, key="old_logprobs",
+                          vocab_size=cfg.model.vocab_size, temperature=temperature,
+                          values_key="old_values" if cfg.model.value_head else None,
+                          chunk_size=cfg.loss.chunk_size)
+        if self.reference is not None and self._needs_kl():
+            annotate_logprobs(self.reference, micro_batches, self.layout, key="ref_logprobs",
+                              vocab_size=cfg.model.vocab_size, temperature=temperature,
+                              keep_logits_key="ref_logits" if cfg.reference.keep_logits else None,
+                              chunk_size=cfg.loss.chunk_size)
+
+    def _rollout_metrics(self, rewards: torch.Tensor, completions: list[list[int]], adv_metrics) -> dict:
+        """Global (all DP ranks) reward statistics; identical on every rank."""
+        eos = self.tokenizer.eos_id
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
+        finished = torch.tensor([bool(c) and c[-1] == eos for c in completions], dtype=torch.float64)
+        sums = torch.stack([
+            rewards.double().sum(), rewards.double().pow(2).sum(), torch.tensor(float(rewards.numel())),
+            lengths.sum(), finished.sum(), (rewards == 1.0).double().sum(),
+            adv_metrics["zero_variance_groups"].value.double(), adv_metrics["groups"].value.double(),
+        ])
+        dist.all_reduce(sums, group=self.layout.dp_group)
+        total, square, count, length, finished_n, solved, zero_var, groups = sums.tolist()
+        mean = total / count
+        return {
+            "reward_mean": mean,
+            "reward_std": math.sqrt(max(square / count - mean * mean, 0.0)),
+            "solved_fraction": solved / count,
+            "response_length": length / count,
+            "finished_fraction": finished_n / count,
+            "zero_variance_groups": zero_var,
+            "groups": groups,
+        }
+
+    # SFT warm-up ------------------------------------------------------------------------------
+
+    def train(self):
+        if self.step == 0 and self.cfg.rollout.sft_warmup_steps > 0 and not self._has_checkpoint():
+            self._sft_warmup()
+        return super().train()
+
+    def _has_checkpoint(self) -> bool:
+        return (self.checkpoint_dir / "latest").exists()
+
+    def _sft_warmup(self) -> None:
+        cfg = self.cfg
+        data_cfg = cfg.rollout.warmup_data
+        loader = build_data_loader(
+            build_dataset(data_cfg, self.tokenizer), global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
+            pad_to_multiple_of=cfg.sequence_multiple(),
+        )
+        constant = Scheduler(SchedulerConfig(style="constant"), self.optimizer, cfg.optim.lr,
+                             cfg.optim.weight_decay, cfg.rollout.sft_warmup_steps)
+        step_fn = TrainStep(self.model, self.optimizer, constant, self.layout,
+                            build_loss(SFTLossConfig(), vocab_size=cfg.model.vocab_size), MetricsAccumulator,
+                            max_consecutive_bad_steps=cfg.train.max_consecutive_bad_steps)
+        log_path = Path(cfg.log.output_dir) / "warmup_metrics.jsonl"
+        for warm_step in range(1, cfg.rollout.sft_warmup_steps + 1):
+            batches = [b.to(self.device).as_dict() for b in loader.next_step()]
+            result = step_fn(batches, compute_global_counts(batches, self.layout.dp_group))
+            if self.log.enabled:
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps({"warmup_step": warm_step, "loss": result.loss,
+                                             "grad_norm": result.grad_norm}) + "\n")
+                if warm_step % cfg.train.log_interval == 0 or warm_step == cfg.rollout.sft_warmup_steps:
+                    print(f"sft warm-up {warm_step}/{cfg.rollout.sft_warmup_steps} | loss {result.loss:.4f}",
+                          flush=True)
+        self.scheduler.apply()  # back to the GRPO schedule
+        if self.reference is not None:
+            _copy_weights(self.model, self.reference)
+
+    # Checkpoints also hold the reference (it is the post-warm-up policy) -------------------------
+
+    def extra_models(self) -> dict[str, list]:
+        return {"reference": self.reference} if self.reference is not None else {}
+
+
+def _strip_eos(tokens: list[int], eos_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def _stack(rows: list[dict], device) -> dict:
+    return {key: torch.stack([row[key] for row in rows]).to(device) for key in rows[0]}
+
+
+@torch.no_grad()
+def _copy_weights(source_chunks: list, target_chunks: list) -> None:
+    for source, target in zip(source_chunks, target_chunks):
+        for (name, src), (_, dst) in zip(_named(source), _named(target)):
+            dst.copy_(src)
+
+
+def _named(chunk):
+    from mrl.train.checkpoint import _unwrap_ddp
+
+    return list(_unwrap_ddp(chunk).named_parameters())

@@ -1,0 +1,180 @@
+"""The training backend end to end on 4 gloo ranks: layout invariance, resume, NaN guard.
+
+Each case builds a JobConfig from a tiny recipe plus overrides and runs the real trainer
+(Megatron-Core GPTModel, schedules, DDP, distributed optimizer, mrl losses) inside the shared
+4-rank pool. Every layout of 4 ranks must produce the same loss curve as TP=1 × DP=4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+SFT = "configs/sft-tiny-cpu.yaml"
+SHORT = ["train.steps=3", "train.global_batch_size=16", "train.micro_batch_size=4", "scheduler.warmup_steps=1",
+         "log.progress=false"]
+
+
+def _trainer(recipe: str, overrides: list[str], output_dir: str):
+    import torch.distributed as dist
+
+    from mrl.config import load_config
+    from mrl.config.job import JobConfig
+    from mrl.parallel.layout import ParallelLayout
+    from mrl.runner import build_trainer
+
+    cfg = load_config(recipe, JobConfig, [*overrides, f"log.output_dir={output_dir}"])
+    cfg.validate(dist.get_world_size())
+    layout = ParallelLayout.initialize(cfg.parallel, timeout_minutes=2)
+    layout.seed(cfg.seed)
+    return build_trainer(cfg, layout)
+
+
+def case_curve(recipe: str, overrides: list[str], output_dir: str) -> list[tuple[float, float]]:
+    trainer = _trainer(recipe, overrides, output_dir)
+    return [(r.loss, r.grad_norm) for r in trainer.train()]
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward; NaN gradient backward (a finite loss with a broken gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def case_nan_guard(overrides: list[str], output_dir: str, bad_steps: dict[int, str]):
+    """Inject a NaN loss or NaN gradient at the given steps; report what the trainer did."""
+    from mrl.train.step import NonFiniteError
+
+    trainer = _trainer(SFT, overrides, output_dir)
+    loss_fn = trainer.train_step.loss_fn
+
+    def faulty(output, batch, counts, group):
+        loss, metrics = loss_fn(output, batch, counts, group)
+        kind = bad_steps.get(trainer.step + 1)
+        if kind == "loss":
+            loss = loss * float("nan")
+        elif kind == "grad":
+            loss = _NaNGrad.apply(loss)
+        return loss, metrics
+
+    trainer.train_step.loss_fn = faulty
+    records, error = [], None
+    try:
+        while trainer.step < trainer.cfg.train.steps:
+            before = _param_checksum(trainer)
+            result = trainer.train_one_step()
+            records.append((result.skipped, result.skip_reason, before == _param_checksum(trainer)))
+    except NonFiniteError as exc:
+        error = str(exc)
+    return {"records": records, "error": error}
+
+
+def _param_checksum(trainer) -> float:
+    return float(sum(p.detach().double().sum() for chunk in trainer.model for p in chunk.parameters()))
+
+
+# ---- layout invariance -------------------------------------------------------------------------
+
+LAYOUTS = {
+    "tp2pp2": ["parallel.tp=2", "parallel.pp=2"],
+    "tp4": ["parallel.tp=4", "parallel.pp=1"],
+    "tp2dp2": ["parallel.tp=2", "parallel.pp=1"],
+    "tp2dp2-sp": ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true"],
+    "pp2dp2-vpp2": ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=2"],
+    "tp2pp2-sp-recompute-full": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+                                 "model.recompute=full"],
+    "tp2dp2-recompute-selective": ["parallel.tp=2", "parallel.pp=1", "model.recompute=selective"],
+}
+
+
+@pytest.fixture(scope="module")
+def sft_reference(ranks4, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft-ref")
+    curve = ranks4.run(case_curve, SFT, [*SHORT, "parallel.tp=1", "parallel.pp=1"], str(out))[0]
+    assert len(curve) == 3 and all(math.isfinite(loss) for loss, _ in curve)
+    assert curve[-1][0] < curve[0][0]  # it learns
+    return curve
+
+
+def _assert_same_curve(curve, reference, rel=1e-5):
+    assert len(curve) == len(reference)
+    for (loss, grad), (ref_loss, ref_grad) in zip(curve, reference):
+        assert abs(loss - ref_loss) <= rel * abs(ref_loss), (loss, ref_loss)
+        assert abs(grad - ref_grad) <= rel * abs(ref_grad), (grad, ref_grad)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_sft_curve_is_layout_invariant(ranks4, sft_reference, tmp_path, name):
+    results = ranks4.run(case_curve, SFT, [*SHORT, *LAYOUTS[name]], str(tmp_path))
+    for curve in results:  # every rank reports the same global values
+        _assert_same_curve(curve, sft_reference)
+
+
+def test_offline_grpo_and_dpo_steps_are_layout_invariant(ranks4, tmp_path):
+    recipes = {
+        "configs/dpo-tiny-cpu.yaml": ["train.steps=2", "train.global_batch_size=16", "train.micro_batch_size=4"],
+        "configs/offline-grpo-tiny-cpu.yaml": ["train.steps=2", "train.global_batch_size=16",
+                                               "train.micro_batch_size=4"],
+    }
+    for recipe, overrides in recipes.items():
+        base = [*overrides, "scheduler.warmup_steps=1", "log.progress=false"]
+        reference = ranks4.run(case_curve, recipe, [*base, "parallel.tp=1", "parallel.pp=1"], str(tmp_path / "a"))[0]
+        assert all(math.isfinite(loss) for loss, _ in reference)
+        for layout in (["parallel.tp=2", "parallel.pp=2"], ["parallel.tp=4", "parallel.pp=1"]):
+            curve = ranks4.run(case_curve, recipe, [*base, *layout], str(tmp_path / "b" / "_".join(layout)))[-1]
+            _assert_same_curve(curve, reference)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def test_resume_continues_the_same_curve_bit_for_bit(ranks4, tmp_path):
+    steps4 = [*SHORT[1:], "train.steps=4", "parallel.tp=2", "parallel.pp=2"]
+    full = ranks4.run(case_curve, SFT, steps4, str(tmp_path / "full"))[-1]
+    first = ranks4.run(case_curve, SFT, [*steps4, "train.steps=2"], str(tmp_path / "split"))[-1]
+    resumed = ranks4.run(case_curve, SFT, steps4, str(tmp_path / "split"))[-1]
+    assert first == full[:2]
+    assert resumed == full[2:]  # exact float equality: bit-identical on CPU fp32
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [int(__import__("json").loads(line)["step"]) for line in lines] == [1, 2, 3, 4]
+
+
+def test_resume_at_another_layout_reshards(ranks4, tmp_path):
+    base = [*SHORT[1:], "train.steps=2"]
+    ranks4.run(case_curve, SFT, [*base, "parallel.tp=2", "parallel.pp=2"], str(tmp_path))
+    continued = ranks4.run(case_curve, SFT, [*base, "train.steps=3", "parallel.tp=4", "parallel.pp=1"],
+                           str(tmp_path))[-1]
+    reference = ranks4.run(case_curve, SFT, [*base, "train.steps=3", "parallel.tp=2", "parallel.pp=2"],
+                           str(tmp_path / "ref"))[-1]
+    assert len(continued) == 1
+    _assert_same_curve(continued, reference[2:])
+
+
+# ---- non-finite guard --------------------------------------------------------------------------
+
+def test_nan_loss_and_gradient_are_skipped_before_the_optimizer(ranks4, tmp_path):
+    overrides = [*SHORT[1:], "train.steps=4", "parallel.tp=2", "parallel.pp=2"]
+    out = ranks4.run(case_nan_guard, overrides, str(tmp_path / "a"), {2: "loss", 3: "grad"})
+    for rank in out:
+        assert rank["error"] is None
+        skipped = [(s, reason, unchanged) for s, reason, unchanged in rank["records"]]
+        assert skipped[0] == (False, None, False)
+        assert skipped[1] == (True, "non-finite loss", True)
+        assert skipped[2] == (True, "non-finite gradient norm", True)
+        assert skipped[3] == (False, None, False)
+
+
+def test_repeated_nan_stops_the_run_with_the_cause(ranks4, tmp_path):
+    overrides = [*SHORT[1:], "train.steps=5", "train.max_consecutive_bad_steps=2", "parallel.tp=2", "parallel.pp=2"]
+    out = ranks4.run(case_nan_guard, overrides, str(tmp_path), {2: "grad", 3: "grad"})
+    for rank in out:
+        assert len(rank["records"]) == 2
+        assert "2 consecutive steps skipped" in rank["error"]
+        assert "non-finite gradient norm" in rank["error"]
