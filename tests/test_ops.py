@@ -54,7 +54,7 @@ def _shard(full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
 
 def _rel(a: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> float:
     """max |a - ref| / max |scale| (``scale`` defaults to ``ref``); inf when a is not finite."""
-    a = a.double()
+    a, ref = a.detach().double(), ref.detach()
     if not torch.isfinite(a).all():
         return float("inf")
     denom = (ref if scale is None else scale).abs().max().clamp_min(1e-30)
@@ -395,3 +395,29 @@ def test_bad_arguments_raise_value_errors_naming_them(ranks4):
         }
         for name, word in expected_words.items():
             assert messages[name] is not None and word in messages[name], (name, messages[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_single_rank_matches_reference(dtype):
+    """The same ops on a CUDA tensor (group=None): values and gradients against float64."""
+    from mrl import ops
+
+    gen = torch.Generator().manual_seed(5)
+    full = _full_logits(gen, dtype, shape=(3, 257, 1000))
+    labels = torch.randint(0, 990, (3, 257), generator=gen)
+    labels[0, :4] = IGNORE
+    weights = torch.randn(2, 3, 257, generator=gen, dtype=torch.float64)
+    x = full.cuda().requires_grad_(True)
+    logp, ent = ops.vocab_parallel_logprobs_and_entropy(x, labels.cuda(), vocab_size=990, chunk_size=100)
+    (grad,) = torch.autograd.grad((logp * weights[0].cuda() + ent * weights[1].cuda()).sum(), x)
+
+    ref_x = full.double().requires_grad_(True)
+    ref_logp = _ref_logp(ref_x, 990)
+    ref_lp, ref_ent = _ref_gather(ref_logp, labels), _ref_entropy(ref_logp)
+    (ref_grad,) = torch.autograd.grad((ref_lp * weights[0] + ref_ent * weights[1]).sum(), ref_x)
+    tol = TOL[dtype]
+    assert _rel(logp.cpu(), ref_lp.detach()) <= tol
+    assert _rel(ent.cpu(), ref_ent.detach()) <= tol
+    assert grad.dtype == dtype and _rel(grad.cpu(), ref_grad) <= tol
+    assert torch.equal(x.detach().cpu(), full)

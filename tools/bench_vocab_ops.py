@@ -10,7 +10,9 @@ Every variant runs forward + backward on the same per-rank logits shard in the s
 * ``mrl two calls``     ``vocab_parallel_logprobs`` then ``vocab_parallel_entropy``
 
 Time: the variants run in rotation (so load from other processes hits all alike); each sample is
-the wall time of one forward + backward between two barriers on rank 0; the median is printed.
+the wall time of one forward + backward between two barriers on rank 0, and rank 0's CPU time
+(user + system, page faults included) over the same span, which other processes' load on a
+shared machine disturbs less; medians are printed.
 
 Peak extra memory, in logits shards: the largest amount of memory allocated during forward +
 backward beyond what existed before (the input shard, labels, upstream weights), divided by the
@@ -184,10 +186,10 @@ def _run(rank: int, cfg: BenchConfig) -> None:
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
     dtype = getattr(torch, cfg.dtype)
     local_v = cfg.vocab // cfg.tp
-    gen = torch.Generator().manual_seed(0)
-    full = torch.randn(cfg.tokens, cfg.vocab, generator=gen) * 4  # same on every rank
-    x = full[:, rank * local_v : (rank + 1) * local_v].to(device=device, dtype=dtype).requires_grad_(True)
-    del full
+    shard_gen = torch.Generator(device).manual_seed(1 + rank)
+    x = torch.randn(cfg.tokens, local_v, generator=shard_gen, device=device).mul_(4)  # [T, V/tp]
+    x = x.to(dtype).requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)  # labels and upstream weights: the same on every rank
     labels = torch.randint(0, cfg.vocab, (cfg.tokens,), generator=gen).to(device)
     w_logp = torch.randn(cfg.tokens, generator=gen).to(device)
     w_entropy = torch.randn(cfg.tokens, generator=gen).to(device)
@@ -196,41 +198,45 @@ def _run(rank: int, cfg: BenchConfig) -> None:
     for _ in range(cfg.warmup):
         for fn in variants.values():
             _fwd_bwd(fn, x)
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(cfg.repeats):
         for name, fn in variants.items():
             _sync(cfg.device)
             dist.barrier(group)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             _fwd_bwd(fn, x)
             _sync(cfg.device)
+            cpu[name].append(time.process_time() - start_cpu)
             dist.barrier(group)
-            samples[name].append(time.perf_counter() - start)
+            wall[name].append(time.perf_counter() - start)
     shard_bytes = x.numel() * x.element_size()
     peaks = {name: _peak_extra_bytes(fn, x, cfg.device) / shard_bytes for name, fn in variants.items()}
     if rank == 0:
-        _report(cfg, {k: statistics.median(v) for k, v in samples.items()}, peaks, shard_bytes, x)
+        median = statistics.median
+        _report(cfg, {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}, peaks, shard_bytes)
     layout.destroy()
     dist.destroy_process_group()
 
 
-def _report(cfg: BenchConfig, times: dict, peaks: dict, shard_bytes: int, x: torch.Tensor) -> None:
+def _report(cfg: BenchConfig, times: dict, cpu_times: dict, peaks: dict, shard_bytes: int) -> None:
     print(
         f"device={cfg.device} tp={cfg.tp} tokens={cfg.tokens} vocab={cfg.vocab} "
         f"(shard {cfg.tokens}x{cfg.vocab // cfg.tp} {cfg.dtype} = {shard_bytes / 2**20:.0f} MiB) "
         f"chunk_size={cfg.chunk_size} repeats={cfg.repeats} threads/rank={torch.get_num_threads()}"
     )
-    print(f"{'variant':<20} {'fwd+bwd ms':>11} {'peak extra (shards)':>20}")
+    print(f"{'variant':<20} {'wall ms':>9} {'cpu ms':>9} {'peak extra (shards)':>20}")
     for name, t in times.items():
-        print(f"{name:<20} {t * 1e3:>11.1f} {peaks[name]:>20.2f}")
-    ratios = {
-        "mrl logprobs / megatron-core": times["mrl logprobs"] / times["megatron-core"],
-        "mrl logprobs / gather+log_softmax": times["mrl logprobs"] / times["gather+log_softmax"],
-        "mrl fused / mrl two calls": times["mrl fused"] / times["mrl two calls"],
-        "mrl fused / mrl logprobs": times["mrl fused"] / times["mrl logprobs"],
-    }
-    for name, r in ratios.items():
-        print(f"{name:<36} {r:.2f}x")
+        print(f"{name:<20} {t * 1e3:>9.1f} {cpu_times[name] * 1e3:>9.1f} {peaks[name]:>20.2f}")
+    pairs = [
+        ("mrl logprobs", "megatron-core"),
+        ("mrl logprobs", "gather+log_softmax"),
+        ("mrl fused", "mrl two calls"),
+        ("mrl fused", "mrl logprobs"),
+    ]
+    print(f"{'ratio':<36} {'wall':>6} {'cpu':>6}")
+    for a, b in pairs:
+        print(f"{a + ' / ' + b:<36} {times[a] / times[b]:>5.2f}x {cpu_times[a] / cpu_times[b]:>5.2f}x")
     if cfg.device == "cuda":
         floor = 3 * shard_bytes  # read the shard in forward and in backward, write the gradient
         for name in ("mrl logprobs", "mrl fused", "megatron-core"):
