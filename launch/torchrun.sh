@@ -39,7 +39,7 @@ mrl_torchrun_main() {
     echo "usage: launch/torchrun.sh [NPROC] CONFIG [key=value ...]" >&2
     exit 2
   }
-  [[ $nproc =~ ^[0-9]+$ ]] && ((nproc > 0)) ||
+  [[ $nproc =~ ^[1-9][0-9]*$ ]] ||
     mrl_die "no ranks to start (nproc '$nproc'): pass NPROC or set MRL_NPROC_PER_NODE"
   mrl_source_site_env
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,8 +70,21 @@ def slurm_env(tmp: Path, nodelist: str = "node[1-2]", hosts: str | None = None, 
 
 
 def run(command: list[str], env: dict[str, str], timeout: float = 540) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    """Run ``command`` from the repository root, stdout and stderr together. On a timeout the whole
+    process group gets SIGTERM (torchrun stops its ranks on it), then SIGKILL."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            stdout, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, _ = proc.communicate()
+        pytest.fail(f"{command[:2]} ran past {timeout} s:\n{stdout}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -142,8 +156,7 @@ def test_torchrun_single_node_matches_the_batch_job(sbatch_job, tmp_path):
     _, batch_output, batch = sbatch_job
     assert batch.returncode == 0, batch.stdout
     output_dir = tmp_path / "out"
-    env = clean_env(MRL_TORCHRUN_ARGS=f"--master-port={free_port()}")
-    proc = run(["bash", str(TORCHRUN), "4", RECIPE, *SHORT_RUN, f"log.output_dir={output_dir}"], env)
+    proc = run(["bash", str(TORCHRUN), "4", RECIPE, *SHORT_RUN, f"log.output_dir={output_dir}"], clean_env())
     assert proc.returncode == 0, proc.stdout
     losses = assert_trained_two_steps(output_dir)
     assert "4 ranks: tp=2 pp=2 cp=1 dp=1" in proc.stdout
