@@ -45,7 +45,11 @@ def require_tested_megatron() -> str:
 @functools.lru_cache(maxsize=None)
 def _probe(module: str) -> tuple[ModuleType | None, str]:
     """Import ``module`` if it is installed and importable; return (module, why-not)."""
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:  # find_spec imports the parent package, which may be missing
+        found = False
+    if not found:
         return None, f"{module} is not installed"
     try:
         return importlib.import_module(module), ""

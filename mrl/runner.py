@@ -100,6 +100,14 @@ def _quiet_library_warnings() -> None:
 
 def spawn_local(cfg: JobConfig, world_size: int) -> int:
     """Run ``cfg`` on ``world_size`` local ranks; returns the exit status (0 when all succeeded)."""
+    if cfg.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < world_size:
+            raise ValueError(
+                f"the recipe needs {world_size} ranks but this machine has {torch.cuda.device_count()} "
+                "visible GPUs; launch multi-node runs with launch/mrl.sbatch or torchrun"
+            )
     ctx = get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, cfg)) for rank in range(world_size)]

@@ -178,3 +178,33 @@ def test_repeated_nan_stops_the_run_with_the_cause(ranks4, tmp_path):
         assert len(rank["records"]) == 2
         assert "2 consecutive steps skipped" in rank["error"]
         assert "non-finite gradient norm" in rank["error"]
+
+
+# ---- optimizer groups ------------------------------------------------------------------------------
+
+def case_weight_decay_groups(overrides: list[str], output_dir: str) -> dict[str, float]:
+    """Each trainable parameter's weight-decay multiplier, by name, as Megatron groups them."""
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+    from mrl.train.optim import _no_decay
+
+    trainer = _trainer(SFT, overrides, output_dir)
+    groups = _get_param_groups(trainer.model, OptimizerConfig(lr=1e-3), _no_decay(trainer.cfg.optim))
+    wd_of = {id(param): group["wd_mult"] for group in groups for param in group["params"]}
+    return {name: wd_of[id(param)] for chunk in trainer.model for name, param in chunk.named_parameters()}
+
+
+@pytest.mark.parametrize("decay_embeddings", [True, False])
+def test_weight_decay_applies_to_weight_matrices_only(ranks4, tmp_path, decay_embeddings):
+    overrides = [*SHORT, "parallel.tp=2", "parallel.pp=1", f"optim.decay_embeddings={str(decay_embeddings).lower()}",
+                 "model.add_bias_linear=true"]
+    groups = ranks4.run(case_weight_decay_groups, overrides, str(tmp_path))[0]
+    assert groups, "no parameters"
+    for name, wd_mult in groups.items():
+        if name.endswith(".bias") or "layernorm" in name or "norm.weight" in name:
+            assert wd_mult == 0.0, name
+        elif "word_embeddings" in name or "output_layer" in name:
+            assert wd_mult == (1.0 if decay_embeddings else 0.0), name
+        else:
+            assert wd_mult == 1.0, name
+    assert any(name.endswith(".bias") for name in groups)

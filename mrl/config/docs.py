@@ -153,21 +153,29 @@ def format_default(value: Any) -> str:
     return format_scalar(to_dict(value))
 
 
+def _section_rows(section: Section) -> list[FieldDoc]:
+    """The plain (non-section) fields of one section's own class."""
+    prefix = f"{section.path}." if section.path else ""
+    docs = attribute_docstrings(section.cls)
+    hints = type_hints(section.cls)
+    return [
+        FieldDoc(prefix + f.name, type_name(hints[f.name]), _default(f), docs.get(f.name, ""))
+        for f in dataclasses.fields(section.cls)
+        if f.init and next(_nested_dataclasses(hints[f.name]), None) is None
+    ]
+
+
 def render_reference(schema: type, *, heading_level: int = 3) -> str:
-    """Markdown: per section a heading, the class docstring, and a table of its plain fields."""
-    section_paths = {s.path for s in sections(schema)}
-    by_section: dict[str, list[FieldDoc]] = {s.path: [] for s in sections(schema)}
-    for doc in field_docs(schema):
-        if doc.path in section_paths:
-            continue
-        owner = max((p for p in section_paths if doc.path.startswith(f"{p}.") or not p), key=len)
-        by_section[owner].append(doc)
+    """Markdown: per section a heading, the class docstring, and a table of its plain fields.
+
+    A field typed as a union of dataclasses (e.g. ``loss``) gets one section per class.
+    """
     hashes = "#" * heading_level
     blocks = []
     for section in sections(schema):
         title = (f"{hashes} `{section.path}` ({section.cls.__name__})" if section.path
                  else f"{hashes} {section.cls.__name__} (top level)")
-        rows = by_section[section.path]
+        rows = _section_rows(section)
         if not section.path and not rows:
             continue
         lines = [title, ""]

@@ -76,6 +76,10 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     """Outputs and logging."""
 
+    def __post_init__(self) -> None:
+        if self.nproc is not None and (not isinstance(self.nproc, int) or self.nproc < 1):
+            raise ValueError(f"nproc must be a positive integer or null, got {self.nproc!r}")
+
     def validate(self, world_size: int | None = None) -> None:
         """Cross-field checks; raises ``ValueError`` naming the fields. Runs before any group exists."""
         world = world_size or self.default_world_size()
@@ -131,6 +135,19 @@ class JobConfig:
             )
 
     def _check_device(self) -> None:
+        impl, precision = self.model.transformer_impl, self.precision
+        if impl == "transformer_engine" and self.device != "cuda":
+            raise ValueError("model.transformer_impl=transformer_engine needs device: cuda")
+        if precision.fp8 is not None and impl == "local":
+            raise ValueError("precision.fp8 needs Transformer Engine layers; model.transformer_impl=local has none")
+        if precision.fp8 is not None and precision.first_last_layers_bf16:
+            per_stage = self.model.num_layers // (self.parallel.pp * (self.parallel.vpp or 1))
+            for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+                value = getattr(precision, name)
+                if not 0 <= value <= per_stage:
+                    raise ValueError(
+                        f"precision.{name}={value} must be between 0 and the {per_stage} layers of a pipeline stage"
+                    )
         if self.device == "cpu":
             if self.parallel.cp > 1:
                 raise ValueError(
@@ -164,6 +181,14 @@ class JobConfig:
         train = self.train
         if self.algorithm == "dpo" and train.micro_batch_size % 2 != 0:
             raise ValueError(f"dpo keeps pairs together: train.micro_batch_size={train.micro_batch_size} must be even")
+        if self.algorithm == "offline-rl" and self.data.group_size is not None:
+            if train.global_batch_size % self.data.group_size != 0:
+                raise ValueError(
+                    f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+                    f"data.group_size={self.data.group_size} (whole groups in every step)"
+                )
+        if self.loss.kind == "ppo" and getattr(self.loss, "value_coef", 0.0) > 0 and self.algorithm not in ("grpo", "offline-rl"):
+            raise ValueError("loss.value_coef > 0 needs rewards: algorithm grpo or offline-rl")
         if self.algorithm in ("grpo", "offline-rl"):
             group = self.rollout.group_size if self.algorithm == "grpo" else None
             if group is not None:
@@ -172,9 +197,17 @@ class JobConfig:
                         f"train.global_batch_size={train.global_batch_size} must be a multiple of "
                         f"rollout.group_size={group} × dp={dp} (whole groups on every data-parallel rank)"
                     )
-                if (train.global_batch_size // dp) % self.rollout.updates_per_rollout != 0:
+                microbatches = train.num_microbatches(dp)
+                updates = self.rollout.updates_per_rollout
+                if microbatches % updates != 0:
                     raise ValueError(
-                        "rows per data-parallel rank must split evenly into rollout.updates_per_rollout mini-batches"
+                        f"the {microbatches} micro-batches per rank of a rollout must split evenly into "
+                        f"rollout.updates_per_rollout={updates} optimizer steps"
+                    )
+                if self.parallel.vpp and (microbatches // updates) % self.parallel.pp != 0:
+                    raise ValueError(
+                        f"interleaved pipelining needs the micro-batches of each update ({microbatches // updates}) "
+                        f"to be a multiple of parallel.pp={self.parallel.pp}"
                     )
                 if getattr(self.loss, "temperature", 1.0) != self.rollout.temperature:
                     raise ValueError(

@@ -77,6 +77,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
         init_method_std=model.init_method_std,
         hidden_dropout=model.hidden_dropout,
@@ -99,6 +100,10 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         apply_rope_fusion=not on_cpu and te_available(),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        # Batched p2p posts sends and receives in a fixed order. With interleaving over two stages
+        # the previous and next stage are the same rank, so an activation and a gradient of the
+        # same shape can be paired the wrong way round (seen on gloo); per-op p2p orders by parity.
+        batch_p2p_comm=not on_cpu and not (parallel.vpp and parallel.pp == 2),
     )
     if model.recompute is not None:
         kwargs.update(recompute_granularity=model.recompute)

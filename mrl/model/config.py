@@ -25,7 +25,7 @@ class ModelConfig:
     ffn_hidden_size: Optional[int] = None
     """Inner MLP width; None means 4·hidden_size."""
 
-    vocab_size: int = 256
+    vocab_size: int = 259
     """True vocabulary size (tokenizer size). Megatron pads it; the padded tail never gets probability."""
 
     make_vocab_size_divisible_by: int = 128
@@ -51,6 +51,9 @@ class ModelConfig:
 
     add_bias_linear: bool = False
     """Biases in the linear layers."""
+
+    add_qkv_bias: bool = False
+    """Biases in the query/key/value projection only (Qwen-style), independent of add_bias_linear."""
 
     qk_layernorm: bool = False
     """Normalise queries and keys per head before attention."""

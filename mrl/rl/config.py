@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from mrl.data.config import DataConfig
 
@@ -37,6 +38,9 @@ class RolloutConfig:
     sft_warmup_steps: int = 0
     """SFT steps on warmup_data before GRPO starts (gives a tiny random model a reward signal)."""
 
+    warmup_lr: Optional[float] = None
+    """Constant learning rate of the SFT warm-up; None uses optim.lr."""
+
     warmup_data: DataConfig = field(default_factory=lambda: DataConfig(kind="sft"))
     """SFT data for the warm-up steps."""
 
@@ -50,6 +54,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
         if self.sft_warmup_steps < 0:
             raise ValueError(f"rollout.sft_warmup_steps must be >= 0, got {self.sft_warmup_steps}")
+        if self.warmup_lr is not None and not self.warmup_lr > 0:
+            raise ValueError(f"rollout.warmup_lr must be > 0 or null, got {self.warmup_lr}")
         if ":" not in self.reward:
             raise ValueError(f"rollout.reward must be 'module:function', got {self.reward!r}")
         if self.warmup_data.kind != "sft":

@@ -32,6 +32,7 @@ from mrl.losses.factory import build_loss
 from mrl.losses.metrics import MetricsAccumulator
 from mrl.losses.sft import SFTLossConfig
 from mrl.rl.sampler import PolicySampler
+from mrl.rl.targets import outcome_value_targets
 from mrl.train.forward import annotate_logprobs
 from mrl.train.schedules import Scheduler, SchedulerConfig
 from mrl.train.step import TrainStep
@@ -84,7 +85,8 @@ class GRPOTrainer(Trainer):
         cfg = self.cfg
         group = cfg.rollout.group_size
         examples = [self.prompts[i] for batch in self.data.next_step() for i in batch]
-        prompts = [list(map(int, ex.tokens)) for ex in examples for _ in range(group)]
+        room = cfg.data.seq_length - cfg.rollout.max_new_tokens
+        prompts = [_fit(list(map(int, ex.tokens)), room) for ex in examples for _ in range(group)]
         completions = self.sampler.generate(prompts, seed=cfg.seed * 1_000_003 + self.step)
         rewards = torch.tensor([
             self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, self.tokenizer.eos_id)), ex.answer)
@@ -92,15 +94,18 @@ class GRPOTrainer(Trainer):
         ], dtype=torch.float32)  # [rows]
         advantages, adv_metrics = LF.group_advantages(rewards, group, normalize_std=cfg.rollout.normalize_std,
                                                       leave_one_out=cfg.rollout.leave_one_out)
-        rows = [self._row(p, c, a) for p, c, a in zip(prompts, completions, advantages.tolist())]
+        rows = [self._row(p, c, a, r) for p, c, a, r in zip(prompts, completions, advantages.tolist(), rewards.tolist())]
         micro = cfg.train.micro_batch_size
         micro_batches = [_stack(rows[i: i + micro], self.device) for i in range(0, len(rows), micro)]
         self._annotate(micro_batches)
+        if cfg.loss.kind == "ppo" and cfg.model.value_head:
+            for batch in micro_batches:
+                outcome_value_targets(batch)
         metrics = self._rollout_metrics(rewards, completions, adv_metrics)
         per_update = len(micro_batches) // cfg.rollout.updates_per_rollout
         return [(micro_batches[i: i + per_update], metrics) for i in range(0, len(micro_batches), per_update)]
 
-    def _row(self, prompt: list[int], completion: list[int], advantage: float) -> dict:
+    def _row(self, prompt: list[int], completion: list[int], advantage: float, reward: float) -> dict:
         length = self.cfg.data.seq_length
         full = prompt + completion
         tokens = torch.full((length,), self.tokenizer.pad_id, dtype=torch.long)
@@ -109,7 +114,8 @@ class GRPOTrainer(Trainer):
         start = len(prompt) - 1  # position that predicts the first completion token
         labels[start: start + len(completion)] = torch.tensor(completion, dtype=torch.long)
         return {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).long(),
-                "position_ids": torch.arange(length), "advantages": torch.tensor(advantage)}
+                "position_ids": torch.arange(length), "advantages": torch.tensor(advantage),
+                "rewards": torch.tensor(reward)}
 
     def _annotate(self, micro_batches: list[dict]) -> None:
         cfg = self.cfg
@@ -165,7 +171,7 @@ class GRPOTrainer(Trainer):
             micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
             pad_to_multiple_of=cfg.sequence_multiple(),
         )
-        constant = Scheduler(SchedulerConfig(style="constant"), self.optimizer, cfg.optim.lr,
+        constant = Scheduler(SchedulerConfig(style="constant"), self.optimizer, cfg.rollout.warmup_lr or cfg.optim.lr,
                              cfg.optim.weight_decay, cfg.rollout.sft_warmup_steps)
         step_fn = TrainStep(self.model, self.optimizer, constant, self.layout,
                             build_loss(SFTLossConfig(), vocab_size=cfg.model.vocab_size), MetricsAccumulator,
@@ -189,6 +195,11 @@ class GRPOTrainer(Trainer):
 
     def extra_models(self) -> dict[str, list]:
         return {"reference": self.reference} if self.reference is not None else {}
+
+
+def _fit(prompt: list[int], room: int) -> list[int]:
+    """Cut a prompt from the left (keeping its first, bos, token) to leave room for the response."""
+    return prompt if len(prompt) <= room else prompt[:1] + prompt[len(prompt) - room + 1:]
 
 
 def _strip_eos(tokens: list[int], eos_id: int) -> list[int]:

@@ -14,7 +14,8 @@ class TrainConfig:
     """Optimizer steps to train for (a re-run resumes and stops at the same step)."""
 
     global_batch_size: int = 8
-    """Rows per optimizer step over all data-parallel ranks (= micro · micro-batches · dp)."""
+    """Rows per optimizer step over all data-parallel ranks (= micro · micro-batches · dp); in
+    online GRPO, rows (responses) per rollout, split over rollout.updates_per_rollout steps."""
 
     micro_batch_size: int = 2
     """Rows per forward/backward pass on one rank."""

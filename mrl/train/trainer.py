@@ -27,6 +27,7 @@ from mrl.losses.factory import build_loss
 from mrl.losses.metrics import MetricsAccumulator
 from mrl.model.builder import build_model, freeze
 from mrl.parallel.layout import ParallelLayout
+from mrl.rl.targets import outcome_value_targets
 from mrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mrl.train.forward import annotate_logprobs
 from mrl.train.metrics_log import MetricsLog
@@ -132,6 +133,9 @@ class Trainer:
                               vocab_size=cfg.model.vocab_size, temperature=temperature,
                               values_key="old_values" if cfg.model.value_head else None,
                               chunk_size=cfg.loss.chunk_size)
+        if cfg.loss.kind == "ppo" and cfg.model.value_head:
+            for batch in micro_batches:
+                outcome_value_targets(batch)
 
     def _offline_advantages(self, batches: list[dict]) -> dict[str, float]:
         """GRPO advantages from the rollout rewards, groups gathered across DP ranks."""
