@@ -202,17 +202,24 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: Pa
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, True, extra_models)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as exc:  # Megatron raises many types for unreadable or foreign files
+    except (Exception, CheckpointException) as exc:  # many types; torch's derives from BaseException
         raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    for index, chunk in enumerate(chunks):
-        _unwrap_ddp(chunk).load_state_dict(loaded[_model_key(index, len(chunks))])
-    for name, extra in (extra_models or {}).items():
-        for index, chunk in enumerate(extra):
-            chunk.load_state_dict(_strip_prefix(loaded[f"{name}.{_model_key(index, len(extra))}"], f"{name}."))
-    if optimizer is not None:
-        load_megatron_optimizer_state(optimizer, loaded["optimizer"])
+    try:
+        for index, chunk in enumerate(chunks):
+            _unwrap_ddp(chunk).load_state_dict(loaded[_model_key(index, len(chunks))])
+        for name, extra in (extra_models or {}).items():
+            for index, chunk in enumerate(extra):
+                chunk.load_state_dict(_strip_prefix(loaded[f"{name}.{_model_key(index, len(extra))}"], f"{name}."))
+        if optimizer is not None:
+            load_megatron_optimizer_state(optimizer, loaded["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model/optimizer: {type(exc).__name__}: {exc}"
+        ) from exc
     same_layout = state.get("layout") == _layout_key(layout)
     state["resharded"] = not same_layout
     if not restore_rng:

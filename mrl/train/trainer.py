@@ -28,7 +28,13 @@ from mrl.losses.metrics import MetricsAccumulator
 from mrl.model.builder import build_model, freeze
 from mrl.parallel.layout import ParallelLayout
 from mrl.rl.targets import outcome_value_targets
-from mrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mrl.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from mrl.train.forward import annotate_logprobs
 from mrl.train.metrics_log import MetricsLog
 from mrl.train.optim import build_optimizer, wrap_ddp
@@ -184,7 +190,13 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         return {"data": self.data.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "skipped_total": self.train_step.skipped_total, "seed": self.cfg.seed}
+                "skipped_total": self.train_step.skipped_total, "seed": self.cfg.seed,
+                "optimizer": self._optimizer_signature()}
+
+    def _optimizer_signature(self) -> dict:
+        """What the optimizer state's format depends on; a resume must match it."""
+        return {"name": self.cfg.optim.name, "distributed": self.cfg.optim.distributed,
+                "dtype": self.cfg.precision.dtype}
 
     def load_trainer_state(self, state: dict) -> None:
         self.data.load_state_dict(state["data"])
@@ -204,6 +216,13 @@ class Trainer:
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is not None:
+            saved = read_trainer_state(path).get("optimizer")
+            if saved is not None and saved != self._optimizer_signature():
+                raise CheckpointError(
+                    f"{path / 'trainer.json'}: the checkpoint's optimizer state is {saved}, but this run uses "
+                    f"{self._optimizer_signature()}; resume with the same optim.name, optim.distributed and "
+                    "precision.dtype, or start from its weights with train.init_checkpoint in a new output directory"
+                )
             state = load_checkpoint(path, self.model, self.optimizer, self.layout, reseed=self.cfg.seed,
                                     extra_models=self.extra_models())
             self.step = int(state["step"])
@@ -223,8 +242,6 @@ class Trainer:
 
 def _resolve_checkpoint(path: str) -> Path:
     """A checkpoint directory, or a run/checkpoints directory whose ``latest`` names one."""
-    from mrl.train.checkpoint import CheckpointError
-
     root = Path(path)
     for candidate in (root, root / "checkpoints"):
         found = latest_checkpoint(candidate) if (candidate / "latest").exists() else None
