@@ -208,3 +208,11 @@ def test_weight_decay_applies_to_weight_matrices_only(ranks4, tmp_path, decay_em
         else:
             assert wd_mult == 1.0, name
     assert any(name.endswith(".bias") for name in groups)
+
+
+def test_bf16_curve_is_close_to_fp32(ranks4, sft_reference, tmp_path):
+    results = ranks4.run(case_curve, SFT, [*SHORT, "parallel.tp=2", "parallel.pp=2", "precision.dtype=bf16"],
+                         str(tmp_path))
+    for (loss, grad), (ref_loss, ref_grad) in zip(results[-1], sft_reference):
+        assert math.isfinite(loss) and abs(loss - ref_loss) < 1e-2 * ref_loss
+        assert abs(grad - ref_grad) < 5e-2 * ref_grad

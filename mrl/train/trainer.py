@@ -35,6 +35,7 @@ from mrl.train.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
+from mrl.train.flops import count_parameters, peak_flops_per_gpu, training_flops
 from mrl.train.forward import annotate_logprobs
 from mrl.train.metrics_log import MetricsLog
 from mrl.train.optim import build_optimizer, wrap_ddp
@@ -69,6 +70,8 @@ class Trainer:
                               tensorboard=cfg.log.tensorboard, log_interval=cfg.train.log_interval)
         self.step = 0
         self.data = self._build_data()
+        self.peak_flops = peak_flops_per_gpu() if cfg.device == "cuda" else None
+        self.num_params = count_parameters(self.model, layout) if self.peak_flops else None
 
     # Construction -------------------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class Trainer:
         lr = self.scheduler.lr
         result = self.train_step(micro_batches, counts)
         self.step += 1
-        self._log_step(result, counts, dict(extra, lr=lr), time.monotonic() - started)
+        self._log_step(result, counts, dict(extra, lr=lr), time.monotonic() - started, micro_batches)
         return result
 
     def next_batches(self) -> tuple[list[dict], dict[str, float]]:
@@ -163,7 +166,7 @@ class Trainer:
 
     # Logging and checkpoints ----------------------------------------------------------------------
 
-    def _log_step(self, result: StepResult, counts, extra: dict, seconds: float) -> None:
+    def _log_step(self, result: StepResult, counts, extra: dict, seconds: float, micro_batches: list[dict]) -> None:
         record = {
             "step": self.step,
             "loss": result.loss,
@@ -176,6 +179,11 @@ class Trainer:
         }
         if result.skip_reason:
             record["skip_reason"] = result.skip_reason
+        if self.peak_flops:
+            rows = sum(batch["tokens"].shape[0] for batch in micro_batches) * self.layout.dp
+            seq = micro_batches[0]["tokens"].shape[1]
+            flops = training_flops(self.num_params, self.cfg.model.num_layers, self.cfg.model.hidden_size, seq, rows * seq)
+            record["mfu"] = flops / (seconds * self.layout.world_size * self.peak_flops)
         record.update({k: v for k, v in result.metrics.items() if k != "loss"})
         record.update(extra)
         self.log.write(record)
