@@ -8,6 +8,7 @@ Each case builds a JobConfig from a tiny recipe plus overrides and runs the real
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,10 +127,11 @@ def test_offline_grpo_and_dpo_steps_are_layout_invariant(ranks4, tmp_path):
     }
     for recipe, overrides in recipes.items():
         base = [*overrides, "scheduler.warmup_steps=1", "log.progress=false"]
-        reference = ranks4.run(case_curve, recipe, [*base, "parallel.tp=1", "parallel.pp=1"], str(tmp_path / "a"))[0]
+        out = tmp_path / Path(recipe).stem
+        reference = ranks4.run(case_curve, recipe, [*base, "parallel.tp=1", "parallel.pp=1"], str(out / "a"))[0]
         assert all(math.isfinite(loss) for loss, _ in reference)
         for layout in (["parallel.tp=2", "parallel.pp=2"], ["parallel.tp=4", "parallel.pp=1"]):
-            curve = ranks4.run(case_curve, recipe, [*base, *layout], str(tmp_path / "b" / "_".join(layout)))[-1]
+            curve = ranks4.run(case_curve, recipe, [*base, *layout], str(out / "_".join(layout)))[-1]
             _assert_same_curve(curve, reference)
 
 

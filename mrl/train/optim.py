@@ -69,6 +69,11 @@ class OptimConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.name == "sgd" and self.distributed:
+            raise ValueError(
+                "optim.name=sgd needs optim.distributed=false: Megatron-Core's distributed optimizer "
+                "supports Adam only (its checkpoint format depends on it)"
+            )
         if self.overlap_param_gather and not self.distributed:
             raise ValueError("optim.overlap_param_gather needs optim.distributed=true")
 
