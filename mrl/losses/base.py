@@ -153,6 +153,10 @@ class Loss(abc.ABC):
     normalizer: str
     """The global count the loss is divided by: "tokens", "seqs" or "pairs"."""
 
+    def __init__(self, config: LossConfigBase, *, vocab_size: int | None = None) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+
     @abc.abstractmethod
     def __call__(
         self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None

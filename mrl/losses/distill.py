@@ -65,10 +65,6 @@ class DistillLoss(Loss):
     normalizer = "tokens"
     required_keys = ("labels", "ref_logits")
 
-    def __init__(self, config: DistillLossConfig, *, vocab_size: int | None = None) -> None:
-        self.config = config
-        self.vocab_size = vocab_size
-
     def __call__(
         self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
     ) -> tuple[torch.Tensor, Metrics]:

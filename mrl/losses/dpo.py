@@ -86,10 +86,6 @@ class DPOLoss(Loss):
     normalizer = "pairs"
     required_keys = ("labels",)
 
-    def __init__(self, config: DPOLossConfig, *, vocab_size: int | None = None) -> None:
-        self.config = config
-        self.vocab_size = vocab_size
-
     def __call__(
         self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
     ) -> tuple[torch.Tensor, Metrics]:

@@ -147,8 +147,7 @@ class PolicyLoss(Loss):
     kind = "grpo"
 
     def __init__(self, config: PolicyLossConfig, *, vocab_size: int | None = None) -> None:
-        self.config = config
-        self.vocab_size = vocab_size
+        super().__init__(config, vocab_size=vocab_size)
         self.kind = config.kind
         self.normalizer = "tokens" if config.agg == "token-mean" else "seqs"
         keys = ["labels", "advantages", "old_logprobs"]

@@ -80,10 +80,6 @@ class SFTLoss(Loss):
     normalizer = "tokens"
     required_keys = ("labels",)
 
-    def __init__(self, config: SFTLossConfig, *, vocab_size: int | None = None) -> None:
-        self.config = config
-        self.vocab_size = vocab_size
-
     def __call__(
         self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
     ) -> tuple[torch.Tensor, Metrics]:

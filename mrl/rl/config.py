@@ -32,8 +32,12 @@ class RolloutConfig:
     """Baseline each response with the mean of the other responses of its group (RLOO)."""
 
     updates_per_rollout: int = 1
-    """Optimizer steps taken on each rollout batch (split into this many mini-batches); 1 is
+    """Mini-batches each rollout batch is split into, one optimizer step each; 1 with epochs 1 is
     strictly on-policy (ratio exactly 1)."""
+
+    epochs: int = 1
+    """Passes over each rollout batch (PPO epochs); every pass takes updates_per_rollout steps with
+    the ratio taken against the log-probs from before the first pass."""
 
     sft_warmup_steps: int = 0
     """SFT steps on warmup_data before GRPO starts (gives a tiny random model a reward signal)."""
@@ -45,7 +49,7 @@ class RolloutConfig:
     """SFT data for the warm-up steps."""
 
     def __post_init__(self) -> None:
-        for name in ("group_size", "max_new_tokens", "updates_per_rollout"):
+        for name in ("group_size", "max_new_tokens", "updates_per_rollout", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:

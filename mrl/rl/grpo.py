@@ -6,7 +6,7 @@ One rollout (per ``rollout.updates_per_rollout`` optimizer steps):
   3. rewards from the reward function; group-normalised advantages (zero-variance groups get 0);
   4. old-policy log-probs (and reference log-probs for the KL term) with the same micro-batching
      as training, so the first update is exactly on-policy (ratio 1);
-  5. the rows are split into mini-batches, one optimizer step each.
+  5. the rows are split into mini-batches, one optimizer step each, for ``rollout.epochs`` passes.
 
 With ``rollout.sft_warmup_steps`` the run starts with SFT steps on ``rollout.warmup_data`` (a
 random tiny model almost never earns reward, so GRPO would have no signal); the reference model
@@ -103,7 +103,8 @@ class GRPOTrainer(Trainer):
                 outcome_value_targets(batch)
         metrics = self._rollout_metrics(rewards, completions, adv_metrics)
         per_update = len(micro_batches) // cfg.rollout.updates_per_rollout
-        return [(micro_batches[i: i + per_update], metrics) for i in range(0, len(micro_batches), per_update)]
+        updates = [(micro_batches[i: i + per_update], metrics) for i in range(0, len(micro_batches), per_update)]
+        return updates * cfg.rollout.epochs
 
     def _row(self, prompt: list[int], completion: list[int], advantage: float, reward: float) -> dict:
         length = self.cfg.data.seq_length
