@@ -125,14 +125,29 @@ def test_offline_grpo_and_dpo_steps_are_layout_invariant(ranks4, tmp_path):
         "configs/offline-grpo-tiny-cpu.yaml": ["train.steps=2", "train.global_batch_size=16",
                                                "train.micro_batch_size=4"],
     }
+    recipes["configs/offline-grpo-tiny-cpu.yaml#ppo"] = [
+        "train.steps=2", "train.global_batch_size=16", "train.micro_batch_size=4", "loss.kind=ppo",
+        "loss.value_coef=0.5", "loss.value_clip=0.2", "model.value_head=true"]
     for recipe, overrides in recipes.items():
+        recipe = recipe.split("#")[0]
         base = [*overrides, "scheduler.warmup_steps=1", "log.progress=false"]
-        out = tmp_path / Path(recipe).stem
+        out = tmp_path / f"{Path(recipe).stem}-{len(overrides)}"
         reference = ranks4.run(case_curve, recipe, [*base, "parallel.tp=1", "parallel.pp=1"], str(out / "a"))[0]
         assert all(math.isfinite(loss) for loss, _ in reference)
         for layout in (["parallel.tp=2", "parallel.pp=2"], ["parallel.tp=4", "parallel.pp=1"]):
             curve = ranks4.run(case_curve, recipe, [*base, *layout], str(out / "_".join(layout)))[-1]
             _assert_same_curve(curve, reference)
+
+
+def test_architecture_variants_are_layout_invariant(ranks4, tmp_path):
+    """Tied embeddings (synced across pipeline stages), GQA, qk-norm, LayerNorm, GELU, biases."""
+    variant = ["model.tie_embeddings=true", "model.num_query_groups=2", "model.qk_layernorm=true",
+               "model.normalization=LayerNorm", "model.activation=gelu", "model.add_bias_linear=true"]
+    reference = ranks4.run(case_curve, SFT, [*SHORT, *variant, "parallel.tp=1", "parallel.pp=1"], str(tmp_path / "a"))[0]
+    assert all(math.isfinite(loss) for loss, _ in reference)
+    curve = ranks4.run(case_curve, SFT, [*SHORT, *variant, "parallel.tp=2", "parallel.pp=2",
+                                         "parallel.sequence_parallel=true"], str(tmp_path / "b"))[-1]
+    _assert_same_curve(curve, reference)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

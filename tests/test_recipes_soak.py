@@ -1,0 +1,59 @@
+"""Soak: every tiny CPU recipe trains to the end through the CLI, learns, and resumes.
+
+Slow (minutes each): run with ``make soak`` / ``pytest -m soak``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.soak
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(recipe: str, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "mrl", "train", recipe, f"log.output_dir={output_dir}", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )
+
+
+def _records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("recipe,metric,direction", [
+    ("configs/sft-tiny-cpu.yaml", "loss", -1),
+    ("configs/dpo-tiny-cpu.yaml", "loss", -1),
+    ("configs/offline-grpo-tiny-cpu.yaml", "loss", 0),
+    ("configs/grpo-tiny-cpu.yaml", "reward_mean", +1),
+])
+def test_recipe_trains_learns_and_resumes(tmp_path, recipe, metric, direction):
+    first = _train(recipe, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = _records(tmp_path)
+    steps = records[-1]["step"]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert all(not r["skipped"] for r in records)
+    head, tail = _mean(r[metric] for r in records[:5]), _mean(r[metric] for r in records[-5:])
+    if direction:
+        assert (tail - head) * direction > 0, (metric, head, tail)
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+
+    again = _train(recipe, tmp_path)  # the same command resumes: nothing left to do
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from" in again.stdout
+    assert len(_records(tmp_path)) == steps
