@@ -90,9 +90,36 @@ def partial_credit(text: str, target: str) -> float:
     return (len(exact) + 0.5 * misplaced) / longest
 
 
+def character_credit(text: str, target: str) -> list[float]:
+    """Per-character partial credit: 1 exact, 0.5 misplaced (as in ``partial_credit``), else 0,
+    plus a last entry for the end of the answer: 1 when ``text`` has the target's length.
+
+    The mean over the characters equals ``partial_credit`` when the lengths agree.
+    """
+    exact = {i for i in range(min(len(text), len(target))) if text[i] == target[i]}
+    left = Counter(c for i, c in enumerate(target) if i not in exact)
+    credits = []
+    for i, c in enumerate(text):
+        if i in exact:
+            credits.append(1.0)
+        elif left[c] > 0:
+            left[c] -= 1
+            credits.append(0.5)
+        else:
+            credits.append(0.0)
+    return credits + [1.0 if len(text) == len(target) else 0.0]
+
+
 def reverse_word_reward(prompt: str, completion: str, answer: Optional[str] = None) -> float:
     """The default ``ReverseWordTask`` reward, loadable as 'mrl.data.tasks:reverse_word_reward'."""
     return ReverseWordTask().reward(prompt, completion, answer)
+
+
+def reverse_word_credit(prompt: str, completion: str, answer: Optional[str] = None) -> list[float]:
+    """Per-character credit of a ``ReverseWordTask`` completion (``character_credit``), for
+    token-level GRPO: loadable as 'mrl.data.tasks:reverse_word_credit'."""
+    target = ReverseWordTask().answer_for(prompt) if answer is None else answer
+    return character_credit(completion, target)
 
 
 class RewardFunction:
@@ -119,11 +146,25 @@ class RewardFunction:
         if not self.takes_answer and not _accepts(fn, 2):
             raise TypeError(f"reward function {spec!r} must accept (prompt, completion[, answer])")
 
-    def __call__(self, prompt: str, completion: str, answer: Any = None) -> float:
+    def __call__(self, prompt: str, completion: str, answer: Any = None) -> float | list[float]:
+        """The reward: one number (outcome reward), or a list of per-character credits (one per
+        character of ``completion`` plus one for its end) for token-level advantages."""
         value = self.fn(prompt, completion, answer) if self.takes_answer else self.fn(prompt, completion)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if isinstance(value, (list, tuple)):
+            if len(value) != len(completion) + 1 or not all(_finite_number(v) for v in value):
+                raise ValueError(
+                    f"reward function {self.spec!r} returned {len(value)} credits for a completion of "
+                    f"{len(completion)} characters; expected {len(completion) + 1} finite numbers "
+                    "(one per character and one for the end)"
+                )
+            return [float(v) for v in value]
+        if not _finite_number(value):
             raise ValueError(f"reward function {self.spec!r} returned {value!r}; expected a finite number")
         return float(value)
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def _accepts(fn: Callable[..., Any], count: int) -> bool:

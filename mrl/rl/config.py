@@ -23,7 +23,9 @@ class RolloutConfig:
     """Sampling temperature; the training log-probs use the same temperature."""
 
     reward: str = "mrl.data.tasks:reverse_word_reward"
-    """Reward function as 'module:function', called as f(prompt, completion[, answer]) -> float."""
+    """Reward function as 'module:function', called as f(prompt, completion[, answer]); it returns
+    one number (outcome reward, GRPO advantages per response) or a list of per-character credits
+    (one per character plus one for the end: token-level advantages, see mrl.rl.credit)."""
 
     normalize_std: bool = True
     """Divide group-centred rewards by the group's standard deviation (GRPO); false gives Dr. GRPO."""

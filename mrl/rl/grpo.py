@@ -31,6 +31,7 @@ from mrl.losses.base import compute_global_counts
 from mrl.losses.factory import build_loss
 from mrl.losses.metrics import MetricsAccumulator
 from mrl.losses.sft import SFTLossConfig
+from mrl.rl.credit import token_credits, token_group_advantages
 from mrl.rl.sampler import PolicySampler
 from mrl.rl.targets import outcome_value_targets
 from mrl.train.forward import annotate_logprobs
@@ -88,13 +89,17 @@ class GRPOTrainer(Trainer):
         room = cfg.data.seq_length - cfg.rollout.max_new_tokens
         prompts = [_fit(list(map(int, ex.tokens)), room) for ex in examples for _ in range(group)]
         completions = self.sampler.generate(prompts, seed=cfg.seed * 1_000_003 + self.step)
-        rewards = torch.tensor([
+        scored = [
             self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, self.tokenizer.eos_id)), ex.answer)
             for ex, c in zip((ex for ex in examples for _ in range(group)), completions)
-        ], dtype=torch.float32)  # [rows]
-        advantages, adv_metrics = LF.group_advantages(rewards, group, normalize_std=cfg.rollout.normalize_std,
-                                                      leave_one_out=cfg.rollout.leave_one_out)
-        rows = [self._row(p, c, a, r) for p, c, a, r in zip(prompts, completions, advantages.tolist(), rewards.tolist())]
+        ]
+        if isinstance(scored[0], list):  # per-character credit: token-level advantages
+            rewards, advantages, adv_metrics = self._token_advantages(completions, scored)
+        else:
+            rewards = torch.tensor(scored, dtype=torch.float32)  # [rows]
+            advantages, adv_metrics = LF.group_advantages(rewards, group, normalize_std=cfg.rollout.normalize_std,
+                                                          leave_one_out=cfg.rollout.leave_one_out)
+        rows = [self._row(p, c, a, r) for p, c, a, r in zip(prompts, completions, advantages, rewards.tolist())]
         micro = cfg.train.micro_batch_size
         micro_batches = [_stack(rows[i: i + micro], self.device) for i in range(0, len(rows), micro)]
         self._annotate(micro_batches)
@@ -106,7 +111,23 @@ class GRPOTrainer(Trainer):
         updates = [(micro_batches[i: i + per_update], metrics) for i in range(0, len(micro_batches), per_update)]
         return updates * cfg.rollout.epochs
 
-    def _row(self, prompt: list[int], completion: list[int], advantage: float, reward: float) -> dict:
+    def _token_advantages(self, completions: list[list[int]], char_credits: list[list[float]]):
+        """Sequence rewards [rows] (mean character credit), per-token advantages, metrics."""
+        eos = self.tokenizer.eos_id
+        per_token = [token_credits(self.tokenizer.decode, c, credit, eos) for c, credit in zip(completions, char_credits)]
+        length = max(len(c) for c in per_token)
+        credits = torch.zeros(len(per_token), length)  # [rows, T]
+        present = torch.zeros(len(per_token), length, dtype=torch.bool)
+        for row, values in enumerate(per_token):
+            credits[row, : len(values)] = torch.tensor(values)
+            present[row, : len(values)] = True
+        advantages = token_group_advantages(credits, present, self.cfg.rollout.group_size,
+                                            normalize_std=self.cfg.rollout.normalize_std)
+        rewards = torch.tensor([sum(c) / len(c) for c in char_credits], dtype=torch.float32)
+        _, metrics = LF.group_advantages(rewards, self.cfg.rollout.group_size)  # group counts only
+        return rewards, [advantages[row, : len(v)] for row, v in enumerate(per_token)], metrics
+
+    def _row(self, prompt: list[int], completion: list[int], advantage, reward: float) -> dict:
         length = self.cfg.data.seq_length
         full = prompt + completion
         tokens = torch.full((length,), self.tokenizer.pad_id, dtype=torch.long)
@@ -114,8 +135,14 @@ class GRPOTrainer(Trainer):
         labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
         start = len(prompt) - 1  # position that predicts the first completion token
         labels[start: start + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        if isinstance(advantage, torch.Tensor):  # token-level: one advantage per completion token
+            per_token = torch.zeros(length)
+            per_token[start: start + len(completion)] = advantage
+            advantage = per_token  # [S]
+        else:
+            advantage = torch.tensor(advantage)
         return {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).long(),
-                "position_ids": torch.arange(length), "advantages": torch.tensor(advantage),
+                "position_ids": torch.arange(length), "advantages": advantage,
                 "rewards": torch.tensor(reward)}
 
     def _annotate(self, micro_batches: list[dict]) -> None:
