@@ -23,6 +23,8 @@ def token_credits(decode, tokens: list[int], char_credits: list[float], eos_id: 
     credits, decoded = [], ""
     for t in range(len(body)):
         text = decode(body[: t + 1])
+        if text.endswith("\ufffd") and t + 1 < len(body):
+            text = text[:-1]  # an incomplete multi-byte character: it belongs to a later token
         chars = char_credits[len(decoded): len(text)]
         credits.append(sum(chars) / len(chars) if chars else 0.0)
         decoded = text if len(text) >= len(decoded) else decoded
