@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from mrl.config.checks import require_positive_ints
+
 BUILTIN_PREFIX = "builtin:"
 
 # Embedded datasets shipped under mrl/data/builtin/ (regenerate with make_builtin.py).
@@ -102,10 +104,7 @@ class DataConfig:
                 )
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ValueError(f"data.tokenizer must be 'byte' or a directory path, got {self.tokenizer!r}")
-        for name in ("seq_length", "pad_to_multiple_of"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, "data", ("seq_length", "pad_to_multiple_of"))
         if self.seq_length < 2:
             raise ValueError(f"data.seq_length must be >= 2 (a token and its successor), got {self.seq_length}")
         if self.seq_length % self.pad_to_multiple_of != 0:

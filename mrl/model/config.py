@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from mrl.config.checks import require_positive_ints
+
 
 @dataclass
 class ModelConfig:
@@ -83,11 +85,9 @@ class ModelConfig:
     """Layer implementation: 'auto' uses Transformer Engine when present on a GPU, else local layers."""
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                     "max_sequence_length", "make_vocab_size_divisible_by", "recompute_num_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, "model", ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                                              "max_sequence_length", "make_vocab_size_divisible_by",
+                                              "recompute_num_layers"))
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "

@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mrl.config.checks import is_positive_int, require_positive_ints
+
 
 @dataclass
 class ParallelConfig:
@@ -43,14 +45,11 @@ class ParallelConfig:
     """Shard activations along the sequence inside TP regions (needs tp > 1)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
-        if self.dp is not None and (not isinstance(self.dp, int) or self.dp < 1):
+        require_positive_ints(self, "parallel", ("tp", "pp", "cp"))
+        if self.dp is not None and not is_positive_int(self.dp):
             raise ValueError(f"parallel.dp must be a positive integer or null, got {self.dp!r}")
         if self.vpp is not None:
-            if not isinstance(self.vpp, int) or self.vpp < 1:
+            if not is_positive_int(self.vpp):
                 raise ValueError(f"parallel.vpp must be a positive integer or null, got {self.vpp!r}")
             if self.pp < 2:
                 raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2, got pp={self.pp}")

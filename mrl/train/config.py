@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from mrl.config.checks import require_positive_ints
+
 
 @dataclass
 class TrainConfig:
@@ -37,11 +39,8 @@ class TrainConfig:
     and step start fresh. Ignored when the run's own output directory has a checkpoint."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval",
-                     "max_consecutive_bad_steps", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, "train", ("steps", "global_batch_size", "micro_batch_size", "log_interval",
+                                              "max_consecutive_bad_steps", "keep_checkpoints"))
         if self.save_interval < 0:
             raise ValueError(f"train.save_interval must be >= 0, got {self.save_interval}")
         if self.global_batch_size % self.micro_batch_size != 0:
