@@ -37,7 +37,9 @@ def _mean(values) -> float:
 @pytest.mark.parametrize("recipe,metric,direction", [
     ("configs/sft-tiny-cpu.yaml", "loss", -1),
     ("configs/dpo-tiny-cpu.yaml", "loss", -1),
-    ("configs/offline-grpo-tiny-cpu.yaml", "loss", 0),
+    # Offline GRPO's loss at ratio 1 is -mean(advantage): a property of the data, not of learning.
+    # What moves is the policy: its entropy falls as it concentrates on the rewarded responses.
+    ("configs/offline-grpo-tiny-cpu.yaml", "entropy", -1),
     ("configs/grpo-tiny-cpu.yaml", "reward_mean", +1),
 ])
 def test_recipe_trains_learns_and_resumes(tmp_path, recipe, metric, direction):
@@ -48,8 +50,7 @@ def test_recipe_trains_learns_and_resumes(tmp_path, recipe, metric, direction):
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(not r["skipped"] for r in records)
     head, tail = _mean(r[metric] for r in records[:5]), _mean(r[metric] for r in records[-5:])
-    if direction:
-        assert (tail - head) * direction > 0, (metric, head, tail)
+    assert (tail - head) * direction > 0, (metric, head, tail)
     assert (tmp_path / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
 
