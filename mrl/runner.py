@@ -57,7 +57,7 @@ def run_job(cfg: JobConfig) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         backend = "gloo"
     _quiet_library_warnings()
-    init_distributed(backend, timedelta(minutes=30))
+    init_distributed(backend, timedelta(minutes=cfg.parallel.timeout_minutes))
     cfg.validate(dist.get_world_size())
     if dist.get_rank() == 0:
         Path(cfg.log.output_dir).mkdir(parents=True, exist_ok=True)

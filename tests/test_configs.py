@@ -222,6 +222,8 @@ def test_cli_validate_suggests_the_key_for_a_misspelt_override(cli_runs):
     pytest.param("sft-tiny-cpu.yaml", ["nproc=8", "train.global_batch_size=24"],
                  ["train.global_batch_size=24", "train.micro_batch_size=8", "dp=2", "not a multiple of 16"],
                  id="global-batch-not-divisible"),
+    pytest.param("sft-tiny-cpu.yaml", ["parallel.timeout_minutes=0"],
+                 ["parallel.timeout_minutes must be > 0, got 0"], id="zero-timeout"),
 ])
 def test_cli_validate_names_what_is_wrong(recipe, overrides, expected, capsys, monkeypatch):
     from mrl.cli import main
@@ -235,3 +237,10 @@ def test_cli_validate_names_what_is_wrong(recipe, overrides, expected, capsys, m
     assert captured.err.startswith("mrl validate: error: ")
     for text in expected:
         assert text in captured.err, f"{text!r} missing from: {captured.err}"
+
+
+def test_collective_timeout_is_set_by_an_override():
+    """``parallel.timeout_minutes`` is a float field that an override sets, in minutes."""
+    config = load_config(CONFIGS / "sft-tiny-cpu.yaml", JobConfig, ["parallel.timeout_minutes=90"])
+    assert config.parallel.timeout_minutes == 90.0
+    assert load_config(CONFIGS / "sft-tiny-cpu.yaml", JobConfig).parallel.timeout_minutes == 30.0

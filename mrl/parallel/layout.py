@@ -44,6 +44,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence inside TP regions (needs tp > 1)."""
 
+    timeout_minutes: float = 30.0
+    """Timeout of every collective (process-group creation included): a rank that waits longer raises
+    instead of hanging. Raise it when checkpoint saves or evaluation stall some ranks for long."""
+
     def __post_init__(self) -> None:
         require_positive_ints(self, "parallel", ("tp", "pp", "cp"))
         if self.dp is not None and not is_positive_int(self.dp):
@@ -53,6 +57,9 @@ class ParallelConfig:
                 raise ValueError(f"parallel.vpp must be a positive integer or null, got {self.vpp!r}")
             if self.pp < 2:
                 raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2, got pp={self.pp}")
+        if not isinstance(self.timeout_minutes, (int, float)) or isinstance(self.timeout_minutes, bool) \
+                or self.timeout_minutes <= 0:
+            raise ValueError(f"parallel.timeout_minutes must be > 0, got {self.timeout_minutes!r}")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp > 1, got tp=1")
 
@@ -132,8 +139,10 @@ class ParallelLayout:
         self.groups = groups  # megatron.core.process_groups_config.ProcessGroupCollection
 
     @classmethod
-    def initialize(cls, config: ParallelConfig, *, timeout_minutes: float = 30.0) -> "ParallelLayout":
-        """Create Megatron-Core's process groups for ``config`` on the running default group."""
+    def initialize(cls, config: ParallelConfig, *, timeout_minutes: float | None = None) -> "ParallelLayout":
+        """Create Megatron-Core's process groups for ``config`` on the running default group.
+
+        ``timeout_minutes`` overrides ``config.timeout_minutes`` (tests use short ones)."""
         from megatron.core import parallel_state
         from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -148,7 +157,7 @@ class ParallelLayout:
             pipeline_model_parallel_size=config.pp,
             virtual_pipeline_model_parallel_size=config.vpp,
             context_parallel_size=config.cp,
-            distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)),
+            distributed_timeout_minutes=max(1, math.ceil(timeout_minutes or config.timeout_minutes)),
             # On gloo every group already is a gloo group; duplicates would only cost sockets.
             create_gloo_process_groups=dist.get_backend() != "gloo",
         )
