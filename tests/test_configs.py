@@ -222,6 +222,8 @@ def test_cli_validate_suggests_the_key_for_a_misspelt_override(cli_runs):
     pytest.param("sft-tiny-cpu.yaml", ["nproc=8", "train.global_batch_size=24"],
                  ["train.global_batch_size=24", "train.micro_batch_size=8", "dp=2", "not a multiple of 16"],
                  id="global-batch-not-divisible"),
+    pytest.param("sft-tiny-cpu.yaml", ["device=cuda", "data.packing=true"],
+                 ["data.packing needs device: cpu", "THD"], id="packing-on-gpu"),
     pytest.param("sft-tiny-cpu.yaml", ["parallel.timeout_minutes=0"],
                  ["parallel.timeout_minutes must be > 0, got 0"], id="zero-timeout"),
 ])

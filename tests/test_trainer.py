@@ -119,6 +119,60 @@ def test_sft_curve_is_layout_invariant(ranks4, sft_reference, tmp_path, name):
         _assert_same_curve(curve, sft_reference)
 
 
+PACKED = [*SHORT, "data.packing=true", "data.seq_length=64", "model.max_sequence_length=64"]
+
+
+def case_packed_rows_match_documents_alone(overrides: list[str], output_dir: str) -> dict | None:
+    """Log-probs of packed rows through the training schedule vs each document in a row of its own."""
+    from mrl.data import IGNORE_INDEX
+    from mrl.train.forward import annotate_logprobs
+
+    trainer = _trainer(SFT, overrides, output_dir)
+    packed, _ = trainer.next_batches()
+    vocab = trainer.cfg.model.vocab_size
+    annotate_logprobs(trainer.model, packed, trainer.layout, key="logprobs", vocab_size=vocab)
+    seq = packed[0]["tokens"].shape[1]
+    documents, alone = [], []  # (micro-batch, row, positions); one single-row micro-batch each
+    for m, batch in enumerate(packed):
+        for row, segments in enumerate(batch["segment_ids"]):
+            for doc in segments.unique().tolist():
+                if doc == 0:
+                    continue
+                where = (segments == doc).nonzero().squeeze(1)  # [n]
+                n = where.numel()
+                tokens = torch.full((1, seq), trainer.tokenizer.pad_id, dtype=torch.long)
+                labels = torch.full((1, seq), IGNORE_INDEX, dtype=torch.long)
+                tokens[0, :n], labels[0, :n] = batch["tokens"][row, where], batch["labels"][row, where]
+                documents.append((m, row, where))
+                alone.append({"tokens": tokens, "labels": labels, "position_ids": torch.arange(seq)[None]})
+    annotate_logprobs(trainer.model, alone, trainer.layout, key="logprobs", vocab_size=vocab)
+    if not trainer.layout.is_last_stage:
+        return None
+    diff = max((packed[m]["logprobs"][row, where] - single["logprobs"][0, :where.numel()]).abs().max().item()
+               for (m, row, where), single in zip(documents, alone))
+    rows = sum(batch["tokens"].shape[0] for batch in packed)
+    scored = sum(float(batch["logprobs"].abs().sum()) for batch in packed)
+    return {"diff": diff, "documents": len(documents), "rows": rows, "scored": scored}
+
+
+@pytest.mark.parametrize("layout", ["tp1dp4", "tp2pp2"])
+def test_packed_rows_score_each_document_alone(ranks4, tmp_path, layout):
+    overrides = [*PACKED, *(LAYOUTS[layout] if layout in LAYOUTS else ["parallel.tp=1", "parallel.pp=1"])]
+    results = [r for r in ranks4.run(case_packed_rows_match_documents_alone, overrides, str(tmp_path)) if r]
+    assert results
+    for r in results:
+        assert r["documents"] >= 2 * r["rows"]  # packing put several documents in each row
+        assert r["scored"] > 0.0
+        assert r["diff"] < 1e-5
+
+
+def test_packed_sft_curve_is_layout_invariant(ranks4, tmp_path):
+    reference = ranks4.run(case_curve, SFT, [*PACKED, "parallel.tp=1", "parallel.pp=1"], str(tmp_path / "ref"))[0]
+    assert all(math.isfinite(loss) for loss, _ in reference) and reference[-1][0] < reference[0][0]
+    for curve in ranks4.run(case_curve, SFT, [*PACKED, *LAYOUTS["tp2pp2"]], str(tmp_path / "tp2pp2")):
+        _assert_same_curve(curve, reference)
+
+
 def test_offline_grpo_and_dpo_steps_are_layout_invariant(ranks4, tmp_path):
     recipes = {
         "configs/dpo-tiny-cpu.yaml": ["train.steps=2", "train.global_batch_size=16", "train.micro_batch_size=4"],

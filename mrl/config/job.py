@@ -174,8 +174,12 @@ class JobConfig:
             )
         if self.data.pad_to != "seq_length" and self.parallel.pp > 1:
             raise ValueError("data.pad_to=longest needs parallel.pp=1 (pipeline stages exchange fixed shapes)")
-        if self.data.packing:
-            raise ValueError("data.packing is not supported by the trainer yet; use packing: false")
+        if self.data.packing and self.device != "cpu":
+            raise ValueError(
+                "data.packing needs device: cpu for now (the block-diagonal attention mask works with "
+                "Megatron's unfused local softmax; on GPU, packed rows need Transformer Engine's THD "
+                "layout, which mrl does not wire yet); use data.packing: false"
+            )
 
     def _check_algorithm_batches(self, dp: int) -> None:
         train = self.train

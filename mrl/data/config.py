@@ -62,7 +62,8 @@ class DataConfig:
 
     packing: bool = False
     """SFT only: pack several examples into each row (best-fit decreasing). Rows then carry
-    segment_ids and per-document position_ids; see mrl.data.collate for the attention caveat."""
+    segment_ids and per-document position_ids, and attend within their own document. Device cpu
+    only for now (see mrl.data.collate: on GPU this needs Transformer Engine's THD layout)."""
 
     truncation: Literal["error", "truncate_left_prompt", "truncate_right"] = "error"
     """A sequence longer than seq_length is an error, or loses prompt tokens from the left (the

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mrl.data.collate import packed_attention_mask
 from mrl.parallel.layout import ParallelLayout
 
 
@@ -68,10 +69,12 @@ def run_schedule(chunks: list, micro_batches: list[dict], loss_func: Callable, *
     """Run Megatron's forward(-backward) schedule; ``loss_func(batch, output)`` on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    mask = causal_mask(seq_length, device=micro_batches[0]["tokens"].device)
+    causal = causal_mask(seq_length, device=micro_batches[0]["tokens"].device)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        # Packed rows (data.packing) attend within their own document only.
+        mask = packed_attention_mask(batch["segment_ids"]) if "segment_ids" in batch else causal
         return model_forward(model, batch, mask), functools.partial(loss_func, batch)
 
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
