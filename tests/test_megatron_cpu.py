@@ -174,3 +174,29 @@ def test_ddp_distributed_optimizer_matches_dp1(ranks2, ranks4):
         assert len(replicas) == 2 and torch.equal(replicas[0], replicas[1])
         single = next(r["params"] for r in dp1 if r["tp_rank"] == tp_rank)
         assert torch.allclose(replicas[0], single, atol=1e-6)
+
+
+def case_initial_weights(parallel: ParallelConfig):
+    """Each layer's weight matrices on this rank, by local parameter name, and their std."""
+    layout, chunks = _setup(parallel, ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4,
+                                                  vocab_size=256, max_sequence_length=32))
+    return {name: p.detach().clone() for chunk in chunks for name, p in chunk.named_parameters()
+            if p.dim() == 2 and ".layers." in name}
+
+
+def test_initial_weights_differ_per_layer_and_follow_megatron_scales(ranks2):
+    weights = ranks2.run(case_initial_weights, ParallelConfig(tp=1))[0]
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for name, w in weights.items():
+        by_kind.setdefault(name.split(".", 3)[3], []).append(w)  # decoder.layers.<i>.<kind>
+    assert set(by_kind) == {"self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                            "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"}
+    std = TINY.init_method_std
+    for kind, layers in by_kind.items():
+        assert len(layers) == 4
+        for i in range(4):
+            for j in range(i + 1, 4):
+                assert not torch.allclose(layers[i], layers[j]), (kind, i, j)
+        expected = std / (2 * 4) ** 0.5 if kind.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+        measured = torch.stack(layers).std().item()
+        assert abs(measured - expected) < 0.05 * expected, (kind, measured, expected)

@@ -3,7 +3,8 @@
 Megatron draws initial weights from RNG streams whose position depends on which layers a rank
 builds, so the same seed gives different models at PP=1 and PP=2. mrl re-draws every weight
 matrix from its *global* identity instead: Megatron's sharded state dict names each parameter
-globally (layer numbers include the pipeline offset) and gives the slice this rank holds. Rows of
+globally (the layer number, pipeline offset included, is a prepended axis of a key shared by all
+layers) and gives the slice this rank holds. Rows of
 the global matrix are drawn in fixed blocks, each from a generator seeded by
 ``(seed, parameter key, block index)``, and a rank draws only the blocks its slice touches. The
 same seed therefore yields bit-identical weights at every TP/PP/VPP layout.
@@ -46,8 +47,11 @@ def layout_invariant_init_(chunks, seed: int, std: float, num_layers: int) -> in
             continue
         scale = std / math.sqrt(2.0 * num_layers) if sharded.key.endswith(_SCALED_SUFFIXES) else std
         skip = sharded.prepend_axis_num
+        # Layers share one key with the layer number as a prepended axis: it joins the identity,
+        # or every layer would start from the same weights.
+        key = sharded.key + "".join(f"[{i}]" for i in sharded.global_offset[:skip])
         row0, col0 = sharded.global_offset[skip:]
-        _fill_rows(data, sharded.key, seed, scale, row0, col0, sharded.global_shape[skip + 1])
+        _fill_rows(data, key, seed, scale, row0, col0, sharded.global_shape[skip + 1])
         drawn += 1
     return drawn
 
