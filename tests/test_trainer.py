@@ -7,6 +7,7 @@ Each case builds a JobConfig from a tiny recipe plus overrides and runs the real
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -191,6 +192,33 @@ def test_offline_grpo_and_dpo_steps_are_layout_invariant(ranks4, tmp_path):
         for layout in (["parallel.tp=2", "parallel.pp=2"], ["parallel.tp=4", "parallel.pp=1"]):
             curve = ranks4.run(case_curve, recipe, [*base, *layout], str(out / "_".join(layout)))[-1]
             _assert_same_curve(curve, reference)
+
+
+def case_online_grpo(overrides: list[str], output_dir: str) -> dict:
+    """A short online GRPO run: SFT warm-up, rollouts from the policy, PPO epochs."""
+    trainer = _trainer("configs/grpo-tiny-cpu.yaml", overrides, output_dir)
+    results = trainer.train()
+    same = all(torch.equal(a, b) for m, r in zip(trainer.model, trainer.reference)
+               for a, b in zip(m.module.parameters(), r.parameters()))
+    return {"losses": [r.loss for r in results], "skipped": [r.skipped for r in results],
+            "reference_moved": not same}
+
+
+def test_online_grpo_warms_up_samples_and_trains(ranks4, tmp_path):
+    overrides = ["rollout.sft_warmup_steps=2", "rollout.epochs=2", "train.steps=2", "train.global_batch_size=16",
+                 "train.micro_batch_size=4", "rollout.group_size=4", "rollout.max_new_tokens=4", "log.progress=false"]
+    for r in ranks4.run(case_online_grpo, overrides, str(tmp_path)):
+        assert len(r["losses"]) == 2 and not any(r["skipped"])
+        assert all(math.isfinite(loss) for loss in r["losses"])
+        # The policy trained after the warm-up copied its weights into the reference.
+        assert r["reference_moved"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert 0.0 <= records[0]["reward_mean"] <= 1.0
+    assert records[0]["reward_mean"] == records[1]["reward_mean"]  # one rollout, two epochs
+    assert records[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # first epoch: on-policy
+    assert records[1]["approx_kl"] > 0.0  # second epoch: the policy has moved
+    assert len((tmp_path / "warmup_metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_architecture_variants_are_layout_invariant(ranks4, tmp_path):

@@ -101,6 +101,7 @@ class JobConfig:
                 f"of parallel.pp={self.parallel.pp}"
             )
         self._check_algorithm_batches(dp)
+        self._check_initial_weights()
 
     def default_world_size(self) -> int:
         return self.nproc or self.parallel.world_size() or self.parallel.model_parallel_size()
@@ -111,6 +112,13 @@ class JobConfig:
         if self.parallel.sequence_parallel:
             multiple *= self.parallel.tp
         return multiple
+
+    def _check_initial_weights(self) -> None:
+        """A Hugging Face train.init_checkpoint must hold the architecture that model.* describes."""
+        from mrl.model.hf import check_model_matches_hf, is_hf_model_dir
+
+        if self.train.init_checkpoint and is_hf_model_dir(self.train.init_checkpoint):
+            check_model_matches_hf(self.model, self.train.init_checkpoint)
 
     def _check_algorithm(self) -> None:
         kinds, losses = ALGORITHMS[self.algorithm]

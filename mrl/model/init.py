@@ -25,12 +25,20 @@ _ROWS_PER_BLOCK = 64
 _SCALED_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def _sharded_tensors(chunks):
+def unwrap_ddp(chunk):
+    """The module under Megatron's DDP wrapper (its keys carry no ``module.`` prefix)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
+
+
+def sharded_tensors(chunks):
+    """This rank's ShardedTensors of ``chunks`` (global key, shape, offset; ``data`` views the parameter)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     for chunk in chunks:
-        state = chunk.sharded_state_dict()
+        state = unwrap_ddp(chunk).sharded_state_dict()
         apply_factories(state)
         for value in nested_values(state):
             if isinstance(value, ShardedTensor) and value.data is not None:
@@ -41,7 +49,7 @@ def _sharded_tensors(chunks):
 def layout_invariant_init_(chunks, seed: int, std: float, num_layers: int) -> int:
     """Re-initialise every weight matrix of ``chunks`` in place; return how many were drawn."""
     drawn = 0
-    for sharded in _sharded_tensors(chunks):
+    for sharded in sharded_tensors(chunks):
         data = sharded.data
         if data.dim() != 2 or not data.is_floating_point():
             continue

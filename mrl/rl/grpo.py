@@ -31,6 +31,7 @@ from mrl.losses.base import compute_global_counts
 from mrl.losses.factory import build_loss
 from mrl.losses.metrics import MetricsAccumulator
 from mrl.losses.sft import SFTLossConfig
+from mrl.model.init import unwrap_ddp
 from mrl.rl.credit import token_credits, token_group_advantages
 from mrl.rl.sampler import PolicySampler
 from mrl.rl.targets import outcome_value_targets
@@ -246,6 +247,4 @@ def _copy_weights(source_chunks: list, target_chunks: list) -> None:
 
 
 def _named(chunk):
-    from mrl.train.checkpoint import _unwrap_ddp
-
-    return list(_unwrap_ddp(chunk).named_parameters())
+    return list(unwrap_ddp(chunk).named_parameters())

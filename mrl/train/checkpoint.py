@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mrl.compat import load_megatron_optimizer_state
+from mrl.model.init import unwrap_ddp
 from mrl.parallel.layout import ParallelLayout
 
 LATEST = "latest"
@@ -49,13 +50,6 @@ def _layout_key(layout: ParallelLayout) -> dict:
     return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
 
 
-def _unwrap_ddp(chunk):
-    """The module under Megatron's DDP wrapper (its keys carry no ``module.`` prefix)."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
-
-
 def _model_key(index: int, count: int) -> str:
     return f"model{index}" if count > 1 else "model"
 
@@ -63,7 +57,7 @@ def _model_key(index: int, count: int) -> str:
 def _sharded_state(chunks: list, optimizer, is_loading: bool, extra_models: dict | None = None) -> dict:
     model_state = {}
     for index, chunk in enumerate(chunks):
-        model_state[_model_key(index, len(chunks))] = _unwrap_ddp(chunk).sharded_state_dict()
+        model_state[_model_key(index, len(chunks))] = unwrap_ddp(chunk).sharded_state_dict()
     state = dict(model_state)
     for name, extra in (extra_models or {}).items():
         for index, chunk in enumerate(extra):
@@ -210,7 +204,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: Pa
         raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     try:
         for index, chunk in enumerate(chunks):
-            _unwrap_ddp(chunk).load_state_dict(loaded[_model_key(index, len(chunks))])
+            unwrap_ddp(chunk).load_state_dict(loaded[_model_key(index, len(chunks))])
         for name, extra in (extra_models or {}).items():
             for index, chunk in enumerate(extra):
                 chunk.load_state_dict(_strip_prefix(loaded[f"{name}.{_model_key(index, len(extra))}"], f"{name}."))

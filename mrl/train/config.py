@@ -35,8 +35,10 @@ class TrainConfig:
     """Stop the run after this many consecutive steps with a non-finite loss or gradient norm."""
 
     init_checkpoint: Optional[str] = None
-    """Start from the model weights of this checkpoint directory (e.g. an SFT run's); optimizer
-    and step start fresh. Ignored when the run's own output directory has a checkpoint."""
+    """Start from these model weights: an mrl checkpoint directory (e.g. an SFT run's) or a Hugging
+    Face model directory (config.json + safetensors; Llama, Mistral, Qwen2, Qwen3), whose config
+    must match model.* (checked by `mrl validate`). It also seeds reference.source=initial. Optimizer
+    and step start fresh; ignored when the run's own output directory has a checkpoint."""
 
     def __post_init__(self) -> None:
         require_positive_ints(self, "train", ("steps", "global_batch_size", "micro_batch_size", "log_interval",

@@ -26,6 +26,7 @@ from mrl.losses.base import compute_global_counts
 from mrl.losses.factory import build_loss
 from mrl.losses.metrics import MetricsAccumulator
 from mrl.model.builder import build_model, freeze
+from mrl.model.hf import is_hf_model_dir, load_hf_weights_
 from mrl.parallel.layout import ParallelLayout
 from mrl.rl.targets import outcome_value_targets
 from mrl.train.checkpoint import (
@@ -92,9 +93,17 @@ class Trainer:
                                     seed=self.cfg.seed))
         source = ref.checkpoint if ref.source == "checkpoint" else self.cfg.train.init_checkpoint
         if source:
-            load_checkpoint(_resolve_checkpoint(source), chunks, None, self.layout, reseed=self.cfg.seed,
-                            restore_rng=False)
+            self._load_weights(chunks, source)
         return chunks
+
+    def _load_weights(self, chunks: list, source: str) -> str:
+        """Fill ``chunks`` from a Hugging Face model directory or an mrl checkpoint; return which."""
+        if is_hf_model_dir(source):
+            load_hf_weights_(chunks, source, self.cfg.model)
+            return source
+        path = _resolve_checkpoint(source)
+        load_checkpoint(path, chunks, None, self.layout, reseed=self.cfg.seed, restore_rng=False)
+        return str(path)
 
     # The loop -----------------------------------------------------------------------------------
 
@@ -239,8 +248,9 @@ class Trainer:
             self.announce(f"resumed from {path} at step {self.step}"
                           + (" (resharded to a new layout)" if state["resharded"] else ""))
         elif self.cfg.train.init_checkpoint:
-            source = _resolve_checkpoint(self.cfg.train.init_checkpoint)
-            load_checkpoint(source, self.model, None, self.layout, reseed=self.cfg.seed, restore_rng=False)
+            source = self._load_weights(self.model, self.cfg.train.init_checkpoint)
+            # bf16/fp16 models: the optimizer's fp32 main weights were copied at construction.
+            self.optimizer.reload_model_params()
             self.announce(f"initialised model weights from {source}")
 
     def announce(self, message: str) -> None:

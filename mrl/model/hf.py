@@ -1,0 +1,223 @@
+"""Hugging Face Llama-family weights (Llama, Mistral, Qwen2, Qwen3) into mrl's Megatron-Core GPTModel.
+
+A Hugging Face model directory holds ``config.json`` and safetensors files (one file, or several
+named by ``model.safetensors.index.json``). The mapping, per layer ``i`` (HF names under
+``model.layers.{i}.``, Megatron names under ``decoder.layers.{i}.``)::
+
+    input_layernorm.weight               -> self_attention.linear_qkv.layer_norm_weight
+    self_attn.{q,k,v}_proj.{weight,bias} -> self_attention.linear_qkv.{weight,bias}
+                                            rows per query group g: [q heads of g; k_g; v_g]
+    self_attn.o_proj.weight              -> self_attention.linear_proj.weight
+    self_attn.{q,k}_norm.weight          -> self_attention.{q,k}_layernorm.weight   (Qwen3)
+    post_attention_layernorm.weight      -> mlp.linear_fc1.layer_norm_weight
+    mlp.{gate,up}_proj.weight            -> mlp.linear_fc1.weight = [gate; up]       (SwiGLU)
+    mlp.down_proj.weight                 -> mlp.linear_fc2.weight
+
+and ``model.embed_tokens.weight`` -> ``embedding.word_embeddings.weight``, ``model.norm.weight`` ->
+``decoder.final_layernorm.weight``, ``lm_head.weight`` (the embedding when tied) ->
+``output_layer.weight``; vocabulary rows beyond the true vocabulary (Megatron's padding) are zero.
+Both RoPE conventions agree (rotate-half, not interleaved). Each rank finds the slices it holds in
+Megatron's sharded state dict (global layer numbers and offsets) and reads just the tensors those
+slices need from the memory-mapped files, so every TP/PP/VPP layout loads the same model. A value
+head has no Hugging Face counterpart and keeps its initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrl.model.config import ModelConfig
+from mrl.model.init import sharded_tensors
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_INDEX = "model.safetensors.index.json"
+
+
+class HFCheckpointError(ValueError):
+    """A Hugging Face model directory that mrl cannot load (missing files, tensors or support)."""
+
+
+def is_hf_model_dir(path: str | Path) -> bool:
+    """A directory with ``config.json`` and safetensors weights (as opposed to an mrl checkpoint)."""
+    root = Path(path)
+    return (root / "config.json").is_file() and ((root / _INDEX).is_file() or any(root.glob("*.safetensors")))
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a Hugging Face model directory, checked to be a supported architecture."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HFCheckpointError(f"cannot read {file}: {exc}") from exc
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HFCheckpointError(
+            f"{file}: model_type {model_type!r} is not supported; mrl loads {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if config.get("rope_scaling"):
+        raise HFCheckpointError(f"{file}: rope_scaling {config['rope_scaling']!r} is not supported yet")
+    if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias", False):
+        raise HFCheckpointError(f"{file}: mrl loads SwiGLU MLPs without biases (hidden_act silu, mlp_bias false)")
+    return config
+
+
+def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``model:`` settings that reproduce a Hugging Face architecture (``read_hf_config``'s output)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    if head_dim * heads != config["hidden_size"]:
+        raise HFCheckpointError(
+            f"head_dim={head_dim} × num_attention_heads={heads} != hidden_size={config['hidden_size']}: "
+            "mrl models use head_dim = hidden_size / num_attention_heads"
+        )
+    qkv_bias = config["model_type"] == "qwen2" or bool(config.get("attention_bias", False))
+    return {
+        "num_layers": config["num_hidden_layers"],
+        "hidden_size": config["hidden_size"],
+        "num_attention_heads": heads,
+        "num_query_groups": config.get("num_key_value_heads") or heads,
+        "ffn_hidden_size": config["intermediate_size"],
+        "vocab_size": config["vocab_size"],
+        "position_embedding": "rope",
+        "rotary_base": int(config.get("rope_theta", 10000)),
+        "normalization": "RMSNorm",
+        "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+        "activation": "swiglu",
+        "add_bias_linear": False,
+        "add_qkv_bias": qkv_bias,
+        "qk_layernorm": config["model_type"] == "qwen3",
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+    }
+
+
+def check_model_matches_hf(model: ModelConfig, path: str | Path) -> None:
+    """Raise ``ValueError`` listing every ``model.*`` field that differs from the checkpoint's."""
+    config = read_hf_config(path)
+    expected = model_fields_from_hf(config)
+    mismatches = [f"model.{name}={_effective(model, name)!r} (checkpoint: {value!r})"
+                  for name, value in expected.items() if _effective(model, name) != value]
+    if model.max_sequence_length > config.get("max_position_embeddings", model.max_sequence_length):
+        mismatches.append(f"model.max_sequence_length={model.max_sequence_length} (checkpoint: at most "
+                          f"{config['max_position_embeddings']})")
+    if mismatches:
+        raise ValueError(f"the model does not match the Hugging Face checkpoint {path}: " + "; ".join(mismatches)
+                         + ". `python tools/hf_model_config.py DIR` prints the matching model settings")
+
+
+def _effective(model: ModelConfig, name: str) -> Any:
+    if name == "num_query_groups":
+        return model.num_query_groups or model.num_attention_heads
+    if name == "ffn_hidden_size":
+        return model.ffn_size
+    return getattr(model, name)
+
+
+class SafetensorsReader:
+    """Tensors of a Hugging Face directory by name, read lazily from memory-mapped safetensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from safetensors import safe_open
+        except ImportError as exc:
+            raise ImportError(
+                f"loading the Hugging Face weights at {path} needs the 'safetensors' package: "
+                "pip install 'mrl[hf]'"
+            ) from exc
+        self._safe_open = safe_open
+        self.root = Path(path)
+        index = self.root / _INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            weight_map = {}
+            for file in sorted(self.root.glob("*.safetensors")):
+                with self._safe_open(str(file), framework="pt") as f:
+                    weight_map.update({name: file.name for name in f.keys()})
+        self.weight_map: dict[str, str] = weight_map
+        self._files: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise HFCheckpointError(f"{self.root}: tensor {name!r} is missing from the checkpoint")
+        file = self.weight_map[name]
+        if file not in self._files:
+            path = self.root / file
+            if not path.is_file():
+                raise HFCheckpointError(f"{path} (named by {_INDEX} for {name!r}) does not exist")
+            self._files[file] = self._safe_open(str(path), framework="pt")
+        return self._files[file].get_tensor(name)
+
+
+@torch.no_grad()
+def load_hf_weights_(chunks: list, path: str | Path, model: ModelConfig) -> int:
+    """Copy a Hugging Face checkpoint into this rank's model ``chunks``; return the tensors filled."""
+    check_model_matches_hf(model, path)
+    reader = SafetensorsReader(path)
+    filled = 0
+    for sharded in sharded_tensors(chunks):
+        if sharded.key.startswith("value_head."):
+            continue
+        skip = sharded.prepend_axis_num
+        layer = sharded.global_offset[0] if skip else None
+        full = _megatron_tensor(sharded.key, layer, reader, model, sharded.global_shape[skip:])
+        index = tuple(slice(o, o + n) for o, n in zip(sharded.global_offset[skip:], sharded.data.shape))
+        sharded.data.copy_(full[index])
+        filled += 1
+    return filled
+
+
+def _megatron_tensor(key: str, layer: int | None, reader: SafetensorsReader, model: ModelConfig,
+                     shape: tuple[int, ...]) -> torch.Tensor:
+    """The whole (unsharded) Megatron tensor ``key`` of ``layer``, built from the HF tensors."""
+    if key == "embedding.word_embeddings.weight":
+        return _pad_rows(reader.get("model.embed_tokens.weight"), shape[0])  # [V_padded, h]
+    if key == "output_layer.weight":
+        name = "model.embed_tokens.weight" if model.tie_embeddings or "lm_head.weight" not in reader \
+            else "lm_head.weight"
+        return _pad_rows(reader.get(name), shape[0])  # [V_padded, h]
+    if key == "decoder.final_layernorm.weight":
+        return reader.get("model.norm.weight")
+    prefix = f"model.layers.{layer}."
+    simple = {
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+        "decoder.layers.self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+        "decoder.layers.self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+        "decoder.layers.self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+        "decoder.layers.mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    }
+    if key in simple:
+        return reader.get(prefix + simple[key])
+    if key == "decoder.layers.mlp.linear_fc1.weight":
+        return torch.cat([reader.get(prefix + "mlp.gate_proj.weight"), reader.get(prefix + "mlp.up_proj.weight")])
+    if key in ("decoder.layers.self_attention.linear_qkv.weight", "decoder.layers.self_attention.linear_qkv.bias"):
+        suffix = key.rsplit(".", 1)[1]
+        q, k, v = (reader.get(f"{prefix}self_attn.{p}_proj.{suffix}") for p in "qkv")
+        return _interleave_qkv(q, k, v, model)
+    raise HFCheckpointError(f"no Hugging Face counterpart for the model's tensor {key!r}")
+
+
+def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """Megatron's fused QKV rows: for each query group, its query heads, then its key, then its value."""
+    groups = model.num_query_groups or model.num_attention_heads
+    head_dim = model.hidden_size // model.num_attention_heads
+    tail = q.shape[1:]  # (h,) for weights, () for biases
+    q = q.reshape(groups, -1, *tail)  # [g, q_per_group·d, ...]
+    k = k.reshape(groups, head_dim, *tail)  # [g, d, ...]
+    v = v.reshape(groups, head_dim, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)  # [(heads + 2g)·d, ...]
+
+
+def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` [V, h] with zero rows appended up to the padded vocabulary."""
+    if weight.shape[0] > rows:
+        raise HFCheckpointError(f"checkpoint vocabulary {weight.shape[0]} exceeds the model's {rows} rows")
+    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
