@@ -3,6 +3,7 @@
     mrl train CONFIG [key=value ...]        train (starts local ranks itself outside a launcher)
     mrl validate CONFIG [key=value ...]     every check, no training; exit status 0 or 1
     mrl show-config CONFIG [key=value ...]  the resolved recipe as YAML
+    mrl export-hf CHECKPOINT OUT_DIR        a checkpoint as a Hugging Face model directory
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ def cmd_show_config(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from mrl.export import export_hf
+    from mrl.train.checkpoint import CheckpointError
+
+    try:
+        out = export_hf(args.checkpoint, args.out_dir, config=args.config, dtype=args.dtype,
+                        max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except CheckpointError as exc:
+        print(f"mrl export-hf: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrl", description="Megatron-Core RL post-training.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="YAML recipe")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 parallel.tp=2")
         sub.set_defaults(func=func)
+    export = commands.add_parser("export-hf", help="write a checkpoint as a Hugging Face model directory")
+    export.add_argument("checkpoint", help="a checkpoint step directory, or a run directory (its latest)")
+    export.add_argument("out_dir", help="new directory for config.json and the safetensors files")
+    export.add_argument("--config", help="the run's recipe (default: <run>/config.yaml beside the checkpoints)")
+    export.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="tensor dtype (bf16)")
+    export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (5 GB)")
+    export.set_defaults(func=cmd_export_hf)
     return parser
 
 

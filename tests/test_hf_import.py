@@ -303,3 +303,65 @@ def test_validate_refuses_a_model_that_does_not_match_the_checkpoint(checkpoints
     with pytest.raises(ValueError, match=r"does not match the Hugging Face checkpoint .*model.vocab_size=259 "
                                          r"\(checkpoint: 300\)"):
         cfg.validate(4)
+
+
+# ---- export: mrl checkpoint -> Hugging Face directory -----------------------------------------------
+
+def case_save_after_hf_init(directory: str, overrides: list[str], output_dir: str) -> None:
+    """Start a run from the Hugging Face weights at this layout and save its checkpoint at once."""
+    import torch.distributed as dist
+
+    from mrl.config import dump_yaml, load_config
+    from mrl.config.job import JobConfig
+    from mrl.parallel.layout import ParallelLayout
+    from mrl.runner import build_trainer
+
+    cfg = load_config(REPO / "configs" / "sft-tiny-cpu.yaml", JobConfig, [*overrides, f"log.output_dir={output_dir}"])
+    cfg.validate(dist.get_world_size())
+    if dist.get_rank() == 0:
+        (Path(output_dir)).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "config.yaml").write_text(dump_yaml(cfg))
+    layout = ParallelLayout.initialize(cfg.parallel, timeout_minutes=2)
+    layout.seed(cfg.seed)
+    trainer = build_trainer(cfg, layout)
+    trainer._resume()
+    trainer.save()
+
+
+def _export(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mrl", "export-hf", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("variant, layout", [("llama", "tp2pp2"), ("qwen2", "pp2vpp2"), ("qwen3", "tp2")])
+def test_export_round_trips_the_checkpoint_exactly(ranks4, checkpoints, tmp_path, variant, layout):
+    directory, weights = checkpoints[variant]
+    fields = model_fields_from_hf(read_hf_config(directory))
+    parallel = {"tp2pp2": ["parallel.tp=2", "parallel.pp=2"], "tp2": ["parallel.tp=2", "parallel.pp=1"],
+                "pp2vpp2": ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=4"]}[layout]
+    overrides = [f"model.{name}={value}" for name, value in fields.items()]
+    overrides += [f"train.init_checkpoint={directory}", "model.max_sequence_length=32", "data.seq_length=32", *parallel]
+    run = tmp_path / "run"
+    ranks4.run(case_save_after_hf_init, str(directory), overrides, str(run))
+
+    out = tmp_path / "exported"
+    done = _export(str(run), str(out), "--dtype", "fp32", "--max-shard-gb", "0.0001")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert is_hf_model_dir(out) and not (tmp_path / "exported.partial").exists()
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == len(weights)
+    assert len(list(out.glob("model-*.safetensors"))) > 1  # sharded at 100 kB
+    assert model_fields_from_hf(read_hf_config(out)) == fields
+    from mrl.model.hf import SafetensorsReader
+
+    reader = SafetensorsReader(out)
+    assert set(reader.weight_map) == set(weights)
+    for name, tensor in weights.items():
+        assert torch.equal(reader.get(name), tensor), name  # bit for bit through a TP/PP checkpoint
+
+    again = _export(str(run), str(out))
+    assert again.returncode == 1 and "exists and is not empty" in again.stderr
+    missing = _export(str(tmp_path / "nowhere"), str(tmp_path / "x"))
+    assert missing.returncode == 1 and "no checkpoint at" in missing.stderr

@@ -245,6 +245,19 @@ def test_resume_continues_the_same_curve_bit_for_bit(ranks4, tmp_path):
     assert [int(__import__("json").loads(line)["step"]) for line in lines] == [1, 2, 3, 4]
 
 
+def case_save_before_training(recipe: str, overrides: list[str], output_dir: str) -> None:
+    _trainer(recipe, overrides, output_dir).save()
+
+
+def test_a_checkpoint_saved_before_the_first_step_resumes_exactly(ranks4, tmp_path):
+    """Saving a never-stepped optimizer stores a fresh optimizer's state (Adam step 0, zero moments)."""
+    steps = [*SHORT[1:], "train.steps=2", "parallel.tp=2", "parallel.pp=2"]
+    full = ranks4.run(case_curve, SFT, steps, str(tmp_path / "full"))[-1]
+    ranks4.run(case_save_before_training, SFT, steps, str(tmp_path / "split"))
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_00000000"
+    assert ranks4.run(case_curve, SFT, steps, str(tmp_path / "split"))[-1] == full
+
+
 def test_resume_at_another_layout_reshards(ranks4, tmp_path):
     base = [*SHORT[1:], "train.steps=2"]
     ranks4.run(case_curve, SFT, [*base, "parallel.tp=2", "parallel.pp=2"], str(tmp_path))

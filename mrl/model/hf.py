@@ -20,6 +20,9 @@ Both RoPE conventions agree (rotate-half, not interleaved). Each rank finds the 
 Megatron's sharded state dict (global layer numbers and offsets) and reads just the tensors those
 slices need from the memory-mapped files, so every TP/PP/VPP layout loads the same model. A value
 head has no Hugging Face counterpart and keeps its initialisation.
+
+Export runs the mapping backwards (``hf_state_dict``, ``hf_config``): the model is loaded at
+TP=PP=1 in one process (Megatron's checkpoints reshard), so every tensor is whole there.
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ from mrl.model.init import sharded_tensors
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _INDEX = "model.safetensors.index.json"
+# Per-layer tensors that map one to one (Megatron key -> HF name under model.layers.{i}.).
+_SIMPLE = {
+    "decoder.layers.self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "decoder.layers.self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "decoder.layers.self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "decoder.layers.self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "decoder.layers.mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "decoder.layers.mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_QKV = ("decoder.layers.self_attention.linear_qkv.weight", "decoder.layers.self_attention.linear_qkv.bias")
 
 
 class HFCheckpointError(ValueError):
@@ -186,23 +199,98 @@ def _megatron_tensor(key: str, layer: int | None, reader: SafetensorsReader, mod
     if key == "decoder.final_layernorm.weight":
         return reader.get("model.norm.weight")
     prefix = f"model.layers.{layer}."
-    simple = {
-        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-        "decoder.layers.self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-        "decoder.layers.self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-        "decoder.layers.self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-        "decoder.layers.mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-        "decoder.layers.mlp.linear_fc2.weight": "mlp.down_proj.weight",
-    }
-    if key in simple:
-        return reader.get(prefix + simple[key])
+    if key in _SIMPLE:
+        return reader.get(prefix + _SIMPLE[key])
     if key == "decoder.layers.mlp.linear_fc1.weight":
         return torch.cat([reader.get(prefix + "mlp.gate_proj.weight"), reader.get(prefix + "mlp.up_proj.weight")])
-    if key in ("decoder.layers.self_attention.linear_qkv.weight", "decoder.layers.self_attention.linear_qkv.bias"):
+    if key in _QKV:
         suffix = key.rsplit(".", 1)[1]
         q, k, v = (reader.get(f"{prefix}self_attn.{p}_proj.{suffix}") for p in "qkv")
         return _interleave_qkv(q, k, v, model)
     raise HFCheckpointError(f"no Hugging Face counterpart for the model's tensor {key!r}")
+
+
+def hf_config(model: ModelConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
+    """A ``config.json`` for ``model``: qwen3 with qk-norm, qwen2 with q/k/v biases, else llama."""
+    if (model.position_embedding, model.normalization, model.activation) != ("rope", "RMSNorm", "swiglu") \
+            or model.add_bias_linear:
+        raise HFCheckpointError(
+            "Hugging Face export covers the Llama family: model.position_embedding rope, normalization "
+            "RMSNorm, activation swiglu, add_bias_linear false"
+        )
+    model_type = "qwen3" if model.qk_layernorm else "qwen2" if model.add_qkv_bias else "llama"
+    if model_type == "qwen3" and model.add_qkv_bias:
+        raise HFCheckpointError("no Llama-family architecture has both qk-norm and q/k/v biases")
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    heads = model.num_attention_heads
+    return {
+        "architectures": [architecture[model_type]],
+        "model_type": model_type,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": model.num_query_groups or heads,
+        "head_dim": model.hidden_size // heads,
+        "vocab_size": model.vocab_size,
+        "max_position_embeddings": model.max_sequence_length,
+        "rope_theta": float(model.rotary_base),
+        "rms_norm_eps": model.norm_epsilon,
+        "hidden_act": "silu",
+        "tie_word_embeddings": model.tie_embeddings,
+        "attention_bias": model.add_qkv_bias,
+        "torch_dtype": dtype,
+    }
+
+
+@torch.no_grad()
+def hf_state_dict(chunks: list, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors of a model whose ``chunks`` hold every tensor whole (TP=PP=1)."""
+    whole: dict[tuple[str, int | None], torch.Tensor] = {}
+    for sharded in sharded_tensors(chunks):
+        if sharded.key.startswith("value_head."):
+            continue
+        skip = sharded.prepend_axis_num
+        layer = sharded.global_offset[0] if skip else None
+        target = whole.setdefault((sharded.key, layer), sharded.data.new_zeros(sharded.global_shape[skip:]))
+        index = tuple(slice(o, o + n) for o, n in zip(sharded.global_offset[skip:], sharded.data.shape))
+        target[index] = sharded.data  # SwiGLU's fc1 arrives as two halves
+    out: dict[str, torch.Tensor] = {}
+    for (key, layer), tensor in whole.items():
+        out.update(_hf_tensors(key, layer, tensor, model))
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def _hf_tensors(key: str, layer: int | None, tensor: torch.Tensor, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """The Hugging Face tensors that the whole Megatron tensor ``key`` of ``layer`` holds."""
+    vocab = model.vocab_size
+    if key == "embedding.word_embeddings.weight":
+        return {"model.embed_tokens.weight": tensor[:vocab]}
+    if key == "output_layer.weight":
+        return {} if model.tie_embeddings else {"lm_head.weight": tensor[:vocab]}
+    if key == "decoder.final_layernorm.weight":
+        return {"model.norm.weight": tensor}
+    prefix = f"model.layers.{layer}."
+    if key in _SIMPLE:
+        return {prefix + _SIMPLE[key]: tensor}
+    if key == "decoder.layers.mlp.linear_fc1.weight":
+        gate, up = tensor.chunk(2)
+        return {prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up}
+    if key in _QKV:
+        suffix = key.rsplit(".", 1)[1]
+        q, k, v = _split_qkv(tensor, model)
+        return {f"{prefix}self_attn.{name}_proj.{suffix}": x for name, x in zip("qkv", (q, k, v))}
+    raise HFCheckpointError(f"no Hugging Face counterpart for the model's tensor {key!r}")
+
+
+def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``_interleave_qkv``."""
+    groups = model.num_query_groups or model.num_attention_heads
+    head_dim = model.hidden_size // model.num_attention_heads
+    tail = qkv.shape[1:]
+    per_group = qkv.reshape(groups, -1, *tail)  # [g, (q_per_group + 2)·d, ...]
+    q, k, v = per_group.split([per_group.shape[1] - 2 * head_dim, head_dim, head_dim], dim=1)
+    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
 
 
 def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig) -> torch.Tensor:

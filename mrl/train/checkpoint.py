@@ -72,10 +72,11 @@ def _sharded_state(chunks: list, optimizer, is_loading: bool, extra_models: dict
 
 @torch.no_grad()
 def _ensure_optimizer_state(optimizer) -> None:
-    """Give a never-stepped optimizer its state tensors (Megatron can only load into existing ones).
+    """Give a never-stepped optimizer its state tensors (Megatron can only load or save existing ones).
 
     A step with zero gradients at learning rate 0 creates them without changing any parameter;
-    the load then overwrites every value.
+    with the step counters set back to 0 the state is exactly a fresh optimizer's (Adam's moments
+    of zero gradients are zero), so saving it before the first step loses nothing.
     """
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         torch_opt = getattr(inner, "optimizer", None)
@@ -91,6 +92,9 @@ def _ensure_optimizer_state(optimizer) -> None:
             group["lr"] = lr
             for param in group["params"]:
                 param.grad = None
+        for state in torch_opt.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
 
 
 def _strip_prefix(state: dict, prefix: str) -> dict:
@@ -132,6 +136,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: list, optimizer,
             shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
     dist.barrier()
+    if optimizer is not None:
+        _ensure_optimizer_state(optimizer)  # a save before the first step
     dist_checkpointing.save(_sharded_state(chunks, optimizer, False, extra_models), str(partial))
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), partial / "rng" / f"rank{dist.get_rank():05d}.pt")
@@ -231,3 +237,15 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: Pa
             )
         layout.seed(reseed + int(state["step"]))
     return state
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run/checkpoints directory whose ``latest`` names one."""
+    root = Path(path)
+    for candidate in (root, root / "checkpoints"):
+        found = latest_checkpoint(candidate) if (candidate / "latest").exists() else None
+        if found is not None:
+            return found
+    if (root / "trainer.json").is_file():
+        return root
+    raise CheckpointError(f"no checkpoint at {root}: expected a step directory with trainer.json or a 'latest' file")

@@ -34,6 +34,7 @@ from mrl.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from mrl.train.flops import count_parameters, peak_flops_per_gpu, training_flops
@@ -101,7 +102,7 @@ class Trainer:
         if is_hf_model_dir(source):
             load_hf_weights_(chunks, source, self.cfg.model)
             return source
-        path = _resolve_checkpoint(source)
+        path = resolve_checkpoint(source)
         load_checkpoint(path, chunks, None, self.layout, reseed=self.cfg.seed, restore_rng=False)
         return str(path)
 
@@ -256,18 +257,6 @@ class Trainer:
     def announce(self, message: str) -> None:
         if self.log.enabled:
             print(f"[mrl] {message}", flush=True)
-
-
-def _resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory, or a run/checkpoints directory whose ``latest`` names one."""
-    root = Path(path)
-    for candidate in (root, root / "checkpoints"):
-        found = latest_checkpoint(candidate) if (candidate / "latest").exists() else None
-        if found is not None:
-            return found
-    if (root / "trainer.json").is_file():
-        return root
-    raise CheckpointError(f"no checkpoint at {root}: expected a step directory with trainer.json or a 'latest' file")
 
 
 def _all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
