@@ -178,13 +178,19 @@ def load_hf_weights_(chunks: list, path: str | Path, model: ModelConfig) -> int:
     for sharded in sharded_tensors(chunks):
         if sharded.key.startswith("value_head."):
             continue
-        skip = sharded.prepend_axis_num
-        layer = sharded.global_offset[0] if skip else None
-        full = _megatron_tensor(sharded.key, layer, reader, model, sharded.global_shape[skip:])
-        index = tuple(slice(o, o + n) for o, n in zip(sharded.global_offset[skip:], sharded.data.shape))
+        layer, shape, index = _placement(sharded)
+        full = _megatron_tensor(sharded.key, layer, reader, model, shape)
         sharded.data.copy_(full[index])
         filled += 1
     return filled
+
+
+def _placement(sharded) -> tuple[int | None, tuple[int, ...], tuple[slice, ...]]:
+    """(global layer number or None, the whole tensor's shape, this shard's slice of it)."""
+    skip = sharded.prepend_axis_num  # layers: the layer number is a prepended axis
+    layer = sharded.global_offset[0] if skip else None
+    index = tuple(slice(o, o + n) for o, n in zip(sharded.global_offset[skip:], sharded.data.shape))
+    return layer, tuple(sharded.global_shape[skip:]), index
 
 
 def _megatron_tensor(key: str, layer: int | None, reader: SafetensorsReader, model: ModelConfig,
@@ -250,10 +256,8 @@ def hf_state_dict(chunks: list, model: ModelConfig) -> dict[str, torch.Tensor]:
     for sharded in sharded_tensors(chunks):
         if sharded.key.startswith("value_head."):
             continue
-        skip = sharded.prepend_axis_num
-        layer = sharded.global_offset[0] if skip else None
-        target = whole.setdefault((sharded.key, layer), sharded.data.new_zeros(sharded.global_shape[skip:]))
-        index = tuple(slice(o, o + n) for o, n in zip(sharded.global_offset[skip:], sharded.data.shape))
+        layer, shape, index = _placement(sharded)
+        target = whole.setdefault((sharded.key, layer), sharded.data.new_zeros(shape))
         target[index] = sharded.data  # SwiGLU's fc1 arrives as two halves
     out: dict[str, torch.Tensor] = {}
     for (key, layer), tensor in whole.items():
