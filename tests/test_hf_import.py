@@ -31,6 +31,10 @@ VARIANTS = {
     "llama": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0),
     # Qwen2: biases on q/k/v, tied embeddings.
     "qwen2": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0),
+    # Llama 3.1: RoPE frequencies rescaled for long context.
+    "llama31": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     # Qwen3: RMSNorm on each query and key head.
     "qwen3": dict(model_type="qwen3", num_key_value_heads=4, tie_word_embeddings=False, head_dim=16),
 }
@@ -96,9 +100,31 @@ def _rms(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _rope(x, theta):  # x [B, S, heads, d]
-    d = x.shape[-1]
+def llama3_inv_freq(inv: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency rescaling, from its published definition."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in inv.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            out.append(freq)
+        elif wavelen > context / low:
+            out.append(freq / factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _inv_freq(d: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    return llama3_inv_freq(inv, scaling) if scaling else inv
+
+
+def _rope(x, theta, scaling=None):  # x [B, S, heads, d]
+    d = x.shape[-1]
+    inv = _inv_freq(d, theta, scaling)
     angles = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * inv[None]  # [S, d/2]
     cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None]  # [1, S, 1, d]
     sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None]
@@ -122,7 +148,8 @@ def reference_logits(config: dict, weights: dict, tokens: torch.Tensor) -> torch
         q, k, v = q.view(b, s, nh, d), k.view(b, s, ng, d), v.view(b, s, ng, d)
         if config["model_type"] == "qwen3":
             q, k = _rms(q, w[p + "self_attn.q_norm.weight"], eps), _rms(k, w[p + "self_attn.k_norm.weight"], eps)
-        q, k = _rope(q, config["rope_theta"]), _rope(k, config["rope_theta"])
+        scaling = config.get("rope_scaling")
+        q, k = _rope(q, config["rope_theta"], scaling), _rope(k, config["rope_theta"], scaling)
         k, v = k.repeat_interleave(nh // ng, dim=2), v.repeat_interleave(nh // ng, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d) + causal
         attention = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, s, nh * d)
@@ -192,6 +219,36 @@ def case_trainer_starts_from_hf(directory: str, overrides: list[str], output_dir
     return None if policy is None else {"policy": policy, "reference": reference, "stepped": stepped}
 
 
+def case_rotary_frequencies(model_fields: dict) -> torch.Tensor:
+    from mrl.model.builder import build_model
+    from mrl.model.config import PrecisionConfig
+    from mrl.parallel.layout import ParallelConfig, ParallelLayout
+
+    layout = ParallelLayout.initialize(ParallelConfig(), timeout_minutes=2)
+    layout.seed(1)
+    chunks = build_model(ModelConfig(**model_fields), PrecisionConfig(), layout, "cpu")
+    return chunks[0].rotary_pos_emb.inv_freq.double()
+
+
+def test_llama31_rope_scaling_reaches_the_model(ranks2, checkpoints):
+    """Head dim 128 spans all three bands of Llama 3.1's rescaling (kept, smoothed, divided)."""
+    directory, _ = checkpoints["llama31"]
+    config = read_hf_config(directory)
+    fields = model_fields_from_hf(config) | {"hidden_size": 512, "num_attention_heads": 4,
+                                              "max_sequence_length": 64}
+    assert fields["rope_scaling_factor"] == 8.0
+    measured = ranks2.run(case_rotary_frequencies, fields)[0]
+    plain = _inv_freq(128, config["rope_theta"], None)
+    expected = _inv_freq(128, config["rope_theta"], config["rope_scaling"])
+    assert torch.allclose(measured, expected, rtol=1e-6)
+    changed = ~torch.isclose(expected, plain)
+    assert 0 < changed.sum() < len(plain)  # some bands rescaled, the high frequencies kept
+
+
+def _model_overrides(fields: dict) -> list[str]:
+    return [f"model.{name}={'null' if value is None else value}" for name, value in fields.items()]
+
+
 LAYOUTS = {
     "tp1": (dict(tp=1), 1),
     "tp2": (dict(tp=2), 1),
@@ -224,7 +281,7 @@ def test_loaded_model_matches_the_float64_forward(ranks4, checkpoints, variant, 
 def test_trainer_initialises_policy_and_reference_from_hf(ranks4, checkpoints, tmp_path, dtype, rel):
     directory, weights = checkpoints["qwen2"]
     fields = model_fields_from_hf(read_hf_config(directory))
-    overrides = [f"model.{name}={value}" for name, value in fields.items()]
+    overrides = _model_overrides(fields)
     overrides += [f"train.init_checkpoint={directory}", "model.max_sequence_length=32", "data.seq_length=32",
                   f"precision.dtype={dtype}", "optim.lr=1e-9", "scheduler.warmup_steps=0", "log.progress=false"]
     expected = reference_logits(hf_config("qwen2"), weights, _tokens())
@@ -342,7 +399,7 @@ def test_export_round_trips_the_checkpoint_exactly(ranks4, checkpoints, tmp_path
     fields = model_fields_from_hf(read_hf_config(directory))
     parallel = {"tp2pp2": ["parallel.tp=2", "parallel.pp=2"], "tp2": ["parallel.tp=2", "parallel.pp=1"],
                 "pp2vpp2": ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=4"]}[layout]
-    overrides = [f"model.{name}={value}" for name, value in fields.items()]
+    overrides = _model_overrides(fields)
     overrides += [f"train.init_checkpoint={directory}", "model.max_sequence_length=32", "data.seq_length=32", *parallel]
     run = tmp_path / "run"
     ranks4.run(case_save_after_hf_init, str(directory), overrides, str(run))

@@ -187,6 +187,8 @@ def build_model(model: ModelConfig, precision: PrecisionConfig, layout: Parallel
             share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type=model.position_embedding,
             rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling_factor is not None,
+            rope_scaling_factor=model.rope_scaling_factor or 8.0,
             pg_collection=layout.groups,
             vp_stage=vp_stage,
             logits_fp32=precision.logits_fp32,

@@ -42,6 +42,10 @@ class ModelConfig:
     rotary_base: int = 10000
     """RoPE base frequency."""
 
+    rope_scaling_factor: Optional[float] = None
+    """Llama-3.1-style RoPE frequency scaling by this factor (low/high frequency factors 1 and 4,
+    original context 8192: Megatron-Core's implementation); None disables it."""
+
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """Normalisation layer type."""
 
@@ -97,6 +101,11 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_query_groups={self.num_query_groups}"
+            )
+        if self.rope_scaling_factor is not None and (self.position_embedding != "rope" or self.rope_scaling_factor < 1):
+            raise ValueError(
+                f"model.rope_scaling_factor needs position_embedding rope and a factor >= 1, got "
+                f"{self.rope_scaling_factor} with position_embedding {self.position_embedding!r}"
             )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:

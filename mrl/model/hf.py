@@ -72,11 +72,24 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise HFCheckpointError(
             f"{file}: model_type {model_type!r} is not supported; mrl loads {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if config.get("rope_scaling"):
-        raise HFCheckpointError(f"{file}: rope_scaling {config['rope_scaling']!r} is not supported yet")
+    scaling = config.get("rope_scaling")
+    if scaling and _llama3_scaling_factor(scaling) is None:
+        raise HFCheckpointError(
+            f"{file}: rope_scaling {scaling!r} is not supported; mrl has Llama 3.1's (rope_type llama3 with "
+            f"low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192)"
+        )
     if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias", False):
         raise HFCheckpointError(f"{file}: mrl loads SwiGLU MLPs without biases (hidden_act silu, mlp_bias false)")
     return config
+
+
+def _llama3_scaling_factor(scaling: dict[str, Any]) -> float | None:
+    """The factor of a Llama-3.1 ``rope_scaling`` that Megatron-Core implements, else None."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if kind != "llama3" or any(scaling.get(key) != value for key, value in fixed.items()):
+        return None
+    return float(scaling["factor"])
 
 
 def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +111,7 @@ def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": config["vocab_size"],
         "position_embedding": "rope",
         "rotary_base": int(config.get("rope_theta", 10000)),
+        "rope_scaling_factor": _llama3_scaling_factor(config["rope_scaling"]) if config.get("rope_scaling") else None,
         "normalization": "RMSNorm",
         "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
         "activation": "swiglu",
@@ -241,6 +255,9 @@ def hf_config(model: ModelConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
         "vocab_size": model.vocab_size,
         "max_position_embeddings": model.max_sequence_length,
         "rope_theta": float(model.rotary_base),
+        "rope_scaling": None if model.rope_scaling_factor is None else {
+            "rope_type": "llama3", "factor": model.rope_scaling_factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         "rms_norm_eps": model.norm_epsilon,
         "hidden_act": "silu",
         "tie_word_embeddings": model.tie_embeddings,
