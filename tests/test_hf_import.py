@@ -324,6 +324,15 @@ def test_unsupported_or_broken_checkpoints_are_named(checkpoints, tmp_path):
     with pytest.raises(HFCheckpointError, match="rope_scaling"):
         read_hf_config(scaled)
     reader = SafetensorsReader(directory)
+    embedding = reader.get("model.embed_tokens.weight")
+    assert reader.shape("model.embed_tokens.weight") == [300, 64]
+    assert torch.equal(reader.get_rows("model.embed_tokens.weight", 128, 256), embedding[128:256])
+    from mrl.model.hf import _vocab_rows
+
+    padded = _vocab_rows("output_layer.weight", reader, ModelConfig(vocab_size=300), 256, 384)  # TP rank 2 of 3
+    assert torch.equal(padded[:44], reader.get("lm_head.weight")[256:]) and not padded[44:].any()
+    with pytest.raises(HFCheckpointError, match=r"model.embed_tokens.weight has 300 rows but the vocabulary is 299"):
+        _vocab_rows("embedding.word_embeddings.weight", reader, ModelConfig(vocab_size=299), 0, 128)
     with pytest.raises(HFCheckpointError, match=r"tensor 'model.layers.9.mlp.up_proj.weight' is missing"):
         reader.get("model.layers.9.mlp.up_proj.weight")
     (directory / "model-00002-of-00002.safetensors").rename(tmp_path / "moved.safetensors")

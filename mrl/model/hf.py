@@ -47,6 +47,7 @@ _SIMPLE = {
     "decoder.layers.mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
     "decoder.layers.mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _QKV = ("decoder.layers.self_attention.linear_qkv.weight", "decoder.layers.self_attention.linear_qkv.bias")
 
 
@@ -172,6 +173,17 @@ class SafetensorsReader:
         return name in self.weight_map
 
     def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a matrix, read without loading the rest of it."""
+        rows = self._file(name).get_slice(name)[start:stop]
+        return rows if torch.is_tensor(rows) else torch.as_tensor(rows)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._file(name).get_slice(name).get_shape())
+
+    def _file(self, name: str):
         if name not in self.weight_map:
             raise HFCheckpointError(f"{self.root}: tensor {name!r} is missing from the checkpoint")
         file = self.weight_map[name]
@@ -180,7 +192,7 @@ class SafetensorsReader:
             if not path.is_file():
                 raise HFCheckpointError(f"{path} (named by {_INDEX} for {name!r}) does not exist")
             self._files[file] = self._safe_open(str(path), framework="pt")
-        return self._files[file].get_tensor(name)
+        return self._files[file]
 
 
 @torch.no_grad()
@@ -193,10 +205,24 @@ def load_hf_weights_(chunks: list, path: str | Path, model: ModelConfig) -> int:
         if sharded.key.startswith("value_head."):
             continue
         layer, shape, index = _placement(sharded)
-        full = _megatron_tensor(sharded.key, layer, reader, model, shape)
-        sharded.data.copy_(full[index])
+        if sharded.key in _VOCAB_KEYS:  # [V/tp, h]: read just this shard's rows of a large matrix
+            sharded.data.copy_(_vocab_rows(sharded.key, reader, model, index[0].start, index[0].stop))
+        else:
+            sharded.data.copy_(_megatron_tensor(sharded.key, layer, reader, model, shape)[index])
         filled += 1
     return filled
+
+
+def _vocab_rows(key: str, reader: "SafetensorsReader", model: ModelConfig, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the padded embedding or output matrix; rows past the vocabulary are 0."""
+    name = "model.embed_tokens.weight"
+    if key == "output_layer.weight" and not model.tie_embeddings and "lm_head.weight" in reader:
+        name = "lm_head.weight"
+    total = reader.shape(name)[0]
+    if total != model.vocab_size:
+        raise HFCheckpointError(f"{reader.root}: {name} has {total} rows but the vocabulary is {model.vocab_size}")
+    rows = reader.get_rows(name, min(start, total), min(stop, total))  # [n, h]
+    return torch.cat([rows, rows.new_zeros(stop - start - rows.shape[0], *rows.shape[1:])])
 
 
 def _placement(sharded) -> tuple[int | None, tuple[int, ...], tuple[slice, ...]]:
@@ -210,12 +236,8 @@ def _placement(sharded) -> tuple[int | None, tuple[int, ...], tuple[slice, ...]]
 def _megatron_tensor(key: str, layer: int | None, reader: SafetensorsReader, model: ModelConfig,
                      shape: tuple[int, ...]) -> torch.Tensor:
     """The whole (unsharded) Megatron tensor ``key`` of ``layer``, built from the HF tensors."""
-    if key == "embedding.word_embeddings.weight":
-        return _pad_rows(reader.get("model.embed_tokens.weight"), shape[0])  # [V_padded, h]
-    if key == "output_layer.weight":
-        name = "model.embed_tokens.weight" if model.tie_embeddings or "lm_head.weight" not in reader \
-            else "lm_head.weight"
-        return _pad_rows(reader.get(name), shape[0])  # [V_padded, h]
+    if key in _VOCAB_KEYS:
+        return _vocab_rows(key, reader, model, 0, shape[0])  # [V_padded, h]
     if key == "decoder.final_layernorm.weight":
         return reader.get("model.norm.weight")
     prefix = f"model.layers.{layer}."
@@ -323,10 +345,3 @@ def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: Mo
     k = k.reshape(groups, head_dim, *tail)  # [g, d, ...]
     v = v.reshape(groups, head_dim, *tail)
     return torch.cat([q, k, v], dim=1).reshape(-1, *tail)  # [(heads + 2g)·d, ...]
-
-
-def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """``weight`` [V, h] with zero rows appended up to the padded vocabulary."""
-    if weight.shape[0] > rows:
-        raise HFCheckpointError(f"checkpoint vocabulary {weight.shape[0]} exceeds the model's {rows} rows")
-    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
