@@ -306,6 +306,16 @@ def test_model_mismatch_lists_every_differing_field(checkpoints):
                  "model.max_sequence_length=128 (checkpoint: at most 64)", "tools/hf_model_config.py"):
         assert text in message, message
     assert "hidden_size" not in message and "vocab_size" not in message
+    # Mistral-7B-v0.1 attends over a 4096-token window: full attention is the same model only up to it.
+    mistral = hf_config("llama") | {"model_type": "mistral", "sliding_window": 16}
+    (directory / "config.json").write_text(json.dumps(mistral))
+    try:
+        fields = model_fields_from_hf(mistral)
+        check_model_matches_hf(ModelConfig(**fields, max_sequence_length=16), directory)
+        with pytest.raises(ValueError, match=r"sliding-window attention over 16 tokens"):
+            check_model_matches_hf(ModelConfig(**fields, max_sequence_length=32), directory)
+    finally:
+        (directory / "config.json").write_text(json.dumps(hf_config("llama")))
 
 
 def test_unsupported_or_broken_checkpoints_are_named(checkpoints, tmp_path):

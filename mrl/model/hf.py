@@ -132,6 +132,10 @@ def check_model_matches_hf(model: ModelConfig, path: str | Path) -> None:
     if model.max_sequence_length > config.get("max_position_embeddings", model.max_sequence_length):
         mismatches.append(f"model.max_sequence_length={model.max_sequence_length} (checkpoint: at most "
                           f"{config['max_position_embeddings']})")
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and window < model.max_sequence_length:
+        mismatches.append(f"model.max_sequence_length={model.max_sequence_length} (checkpoint: sliding-window "
+                          f"attention over {window} tokens, which mrl does not model; train at most {window})")
     if mismatches:
         raise ValueError(f"the model does not match the Hugging Face checkpoint {path}: " + "; ".join(mismatches)
                          + ". `python tools/hf_model_config.py DIR` prints the matching model settings")
