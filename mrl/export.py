@@ -22,7 +22,7 @@ import torch
 from mrl.config import load_config
 from mrl.config.job import JobConfig
 from mrl.model.config import PrecisionConfig
-from mrl.model.hf import hf_config, hf_state_dict
+from mrl.model.hf import hf_config, hf_state_dict, is_hf_model_dir, read_hf_config
 from mrl.train.checkpoint import CheckpointError, resolve_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -38,6 +38,9 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, config: 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     meta = hf_config(cfg.model, dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype])
+    origin = _hf_origin(cfg)  # the Hugging Face directory the run started from, if any
+    if origin is not None:  # keep its other settings (token ids, ...) under the model's own
+        meta = {key: value for key, value in read_hf_config(origin).items() if key not in meta} | meta
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new output directory")
@@ -47,11 +50,17 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, config: 
     partial.mkdir(parents=True)
     _write_safetensors(partial, {name: t.to(DTYPES[dtype]).cpu() for name, t in tensors.items()}, max_shard_bytes)
     (partial / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _copy_tokenizer(cfg.data.tokenizer, partial)
+    for source in (cfg.data.tokenizer, origin):
+        _copy_tokenizer(source, partial)
     if out.exists():
         out.rmdir()
     partial.rename(out)
     return out
+
+
+def _hf_origin(cfg: JobConfig) -> Path | None:
+    start = cfg.train.init_checkpoint
+    return Path(start) if start and is_hf_model_dir(start) else None
 
 
 def _run_config(checkpoint: Path) -> Path:
@@ -137,11 +146,10 @@ def _tensor_order(name: str) -> tuple:
     return (0 if "embed_tokens" in name else 2, 0, name)
 
 
-def _copy_tokenizer(tokenizer: str, directory: Path) -> None:
-    """Copy a Hugging Face tokenizer's files when the run used one from a directory."""
-    source = Path(tokenizer)
-    if not source.is_dir():
+def _copy_tokenizer(source: str | Path | None, directory: Path) -> None:
+    """Copy the Hugging Face tokenizer files of ``source`` (a directory) not already copied."""
+    if source is None or not Path(source).is_dir():
         return  # the built-in byte tokenizer has no Hugging Face files
     for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, directory / name)
+        if (Path(source) / name).is_file() and not (directory / name).exists():
+            shutil.copy2(Path(source) / name, directory / name)

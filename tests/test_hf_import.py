@@ -43,7 +43,7 @@ VARIANTS = {
 def hf_config(variant: str) -> dict:
     return {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
             "vocab_size": 300, "rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 64,
-            "rope_theta": 10000.0, **VARIANTS[variant]}
+            "rope_theta": 10000.0, "bos_token_id": 256, "eos_token_id": 257, **VARIANTS[variant]}
 
 
 def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -81,6 +81,7 @@ def write_checkpoint(directory: Path, variant: str, seed: int = 0) -> dict[str, 
     weights = random_weights(config, seed)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 256, "eos_token_id": 257}))
     if variant == "llama":
         names = sorted(weights)
         halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
@@ -430,6 +431,9 @@ def test_export_round_trips_the_checkpoint_exactly(ranks4, checkpoints, tmp_path
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == len(weights)
     assert len(list(out.glob("model-*.safetensors"))) > 1  # sharded at 100 kB
     assert model_fields_from_hf(read_hf_config(out)) == fields
+    exported = read_hf_config(out)
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (256, 257)  # kept from the starting model
+    assert (out / "generation_config.json").read_text() == (directory / "generation_config.json").read_text()
     from mrl.model.hf import SafetensorsReader
 
     reader = SafetensorsReader(out)
