@@ -376,10 +376,12 @@ def test_validate_refuses_a_model_that_does_not_match_the_checkpoint(checkpoints
     from mrl.config.job import JobConfig
 
     directory, _ = checkpoints["llama"]
-    cfg = load_config(REPO / "configs" / "sft-tiny-cpu.yaml", JobConfig, [f"train.init_checkpoint={directory}"])
-    with pytest.raises(ValueError, match=r"does not match the Hugging Face checkpoint .*model.vocab_size=259 "
-                                         r"\(checkpoint: 300\)"):
-        cfg.validate(4)
+    for override in (f"train.init_checkpoint={directory}", f"reference.checkpoint={directory}"):
+        cfg = load_config(REPO / "configs" / "dpo-tiny-cpu.yaml", JobConfig, [override, "reference.source=checkpoint"]
+                          if override.startswith("reference") else [override])
+        with pytest.raises(ValueError, match=r"does not match the Hugging Face checkpoint .*model.vocab_size=259 "
+                                             r"\(checkpoint: 300\)"):
+            cfg.validate(4)
 
 
 # ---- export: mrl checkpoint -> Hugging Face directory -----------------------------------------------

@@ -114,11 +114,15 @@ class JobConfig:
         return multiple
 
     def _check_initial_weights(self) -> None:
-        """A Hugging Face train.init_checkpoint must hold the architecture that model.* describes."""
+        """Hugging Face starting or reference weights must hold the architecture model.* describes."""
         from mrl.model.hf import check_model_matches_hf, is_hf_model_dir
 
-        if self.train.init_checkpoint and is_hf_model_dir(self.train.init_checkpoint):
-            check_model_matches_hf(self.model, self.train.init_checkpoint)
+        sources = [self.train.init_checkpoint]
+        if self.reference.source == "checkpoint":
+            sources.append(self.reference.checkpoint)
+        for source in sources:
+            if source and is_hf_model_dir(source):
+                check_model_matches_hf(self.model, source)
 
     def _check_algorithm(self) -> None:
         kinds, losses = ALGORITHMS[self.algorithm]

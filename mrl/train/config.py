@@ -71,7 +71,7 @@ class ReferenceConfig:
     reference.checkpoint; 'none': no reference model (reference log-probs must come from data)."""
 
     checkpoint: Optional[str] = None
-    """Checkpoint directory for source='checkpoint'."""
+    """Weights for source='checkpoint': an mrl checkpoint / run directory or a Hugging Face directory."""
 
     keep_logits: bool = False
     """Keep the reference logits (sharded) for exact full-vocabulary KL or distillation instead of
