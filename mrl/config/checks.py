@@ -15,4 +15,16 @@ def require_positive_ints(config: Any, section: str, names: tuple[str, ...]) -> 
     for name in names:
         value = getattr(config, name)
         if not is_positive_int(value):
-            raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{_path(section, name)} must be a positive integer, got {value!r}")
+
+
+def require_optional_positive_ints(config: Any, section: str, names: tuple[str, ...]) -> None:
+    """Like ``require_positive_ints``, with None (null) allowed."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not is_positive_int(value):
+            raise ValueError(f"{_path(section, name)} must be a positive integer or null, got {value!r}")
+
+
+def _path(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name

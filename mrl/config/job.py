@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from mrl.config.checks import require_optional_positive_ints
 from mrl.data.config import DataConfig
 from mrl.losses.factory import LossConfig
 from mrl.losses.sft import SFTLossConfig
@@ -77,8 +78,7 @@ class JobConfig:
     """Outputs and logging."""
 
     def __post_init__(self) -> None:
-        if self.nproc is not None and (not isinstance(self.nproc, int) or self.nproc < 1):
-            raise ValueError(f"nproc must be a positive integer or null, got {self.nproc!r}")
+        require_optional_positive_ints(self, "", ("nproc",))
 
     def validate(self, world_size: int | None = None) -> None:
         """Cross-field checks; raises ``ValueError`` naming the fields. Runs before any group exists."""

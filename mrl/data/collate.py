@@ -11,8 +11,9 @@ matter: with the model's plain causal mask, a document attends to the documents 
 the row. To isolate documents:
 
 * local layers on CPU: pass ``packed_attention_mask(segment_ids)`` ([b, 1, s, s], block-diagonal
-  causal) as the attention mask (``mrl.train.step.run_schedule`` does, for batches with segment_ids). The unfused softmax applies it, and each document's logits then
-  equal those of the document run alone (RoPE is relative; learned absolute embeddings read the
+  causal) as the attention mask (``mrl.train.step.run_schedule`` does, for batches with
+  segment_ids). The unfused softmax applies it, and each document's logits then equal those of
+  the document run alone (RoPE is relative; learned absolute embeddings read the
   restarted position_ids). Memory is O(s²) per row.
 * local layers on GPU: the fused causal softmax kernel (fp16/bf16) ignores a given mask, so
   packed rows cross-attend there; refuse packing or disable masked_softmax_fusion.

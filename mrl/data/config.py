@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from mrl.config.checks import require_positive_ints
+from mrl.config.checks import require_optional_positive_ints, require_positive_ints
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -121,13 +121,11 @@ class DataConfig:
             raise ValueError(f"data.packing applies to data.kind='sft' only, got kind={self.kind!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"data.seed must be a non-negative integer, got {self.seed!r}")
-        if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
-            raise ValueError(f"data.max_records must be a positive integer or null, got {self.max_records!r}")
+        require_optional_positive_ints(self, "data", ("max_records",))
         if self.group_size is not None:
             if self.kind != "rollout":
                 raise ValueError(f"data.group_size applies to data.kind='rollout' only, got kind={self.kind!r}")
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(f"data.group_size must be a positive integer or null, got {self.group_size!r}")
+            require_optional_positive_ints(self, "data", ("group_size",))
 
     @property
     def source(self) -> str:

@@ -36,6 +36,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
+from mrl.config.checks import require_optional_positive_ints
 from mrl.losses.metrics import Metric, Metrics
 
 IGNORE_INDEX = -100
@@ -135,8 +136,7 @@ class LossConfigBase:
     at the cost of one device-to-host sync; shapes and keys are always checked."""
 
     def __post_init__(self) -> None:
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"loss.chunk_size must be a positive integer or null, got {self.chunk_size!r}")
+        require_optional_positive_ints(self, "loss", ("chunk_size",))
         if not isinstance(self.validate, bool):
             raise ValueError(f"loss.validate must be true or false, got {self.validate!r}")
 

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from mrl.config.checks import require_optional_positive_ints
 from mrl.losses import functional as LF
 from mrl.losses.base import (
     GlobalCounts,
@@ -119,8 +120,7 @@ class PolicyLossConfig(LossConfigBase):
             raise ValueError(f"loss.clip_high must be >= 0, got {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"loss.dual_clip must be > 1 or null, got {self.dual_clip}")
-        if self.norm_length is not None and self.norm_length < 1:
-            raise ValueError(f"loss.norm_length must be a positive integer or null, got {self.norm_length}")
+        require_optional_positive_ints(self, "loss", ("norm_length",))
         for name in ("kl_coef", "entropy_coef", "value_coef"):
             if getattr(self, name) < 0.0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")

@@ -205,14 +205,17 @@ def load_hf_weights_(chunks: list, path: str | Path, model: ModelConfig) -> int:
     check_model_matches_hf(model, path)
     reader = SafetensorsReader(path)
     filled = 0
+    last: tuple[tuple[str, int | None], torch.Tensor] | None = None  # SwiGLU's fc1 comes as two shards
     for sharded in sharded_tensors(chunks):
         if sharded.key.startswith("value_head."):
             continue
-        layer, shape, index = _placement(sharded)
+        layer, _, index = _placement(sharded)
         if sharded.key in _VOCAB_KEYS:  # [V/tp, h]: read just this shard's rows of a large matrix
             sharded.data.copy_(_vocab_rows(sharded.key, reader, model, index[0].start, index[0].stop))
         else:
-            sharded.data.copy_(_megatron_tensor(sharded.key, layer, reader, model, shape)[index])
+            if last is None or last[0] != (sharded.key, layer):
+                last = ((sharded.key, layer), _megatron_tensor(sharded.key, layer, reader, model))
+            sharded.data.copy_(last[1][index])
         filled += 1
     return filled
 
@@ -237,11 +240,8 @@ def _placement(sharded) -> tuple[int | None, tuple[int, ...], tuple[slice, ...]]
     return layer, tuple(sharded.global_shape[skip:]), index
 
 
-def _megatron_tensor(key: str, layer: int | None, reader: SafetensorsReader, model: ModelConfig,
-                     shape: tuple[int, ...]) -> torch.Tensor:
-    """The whole (unsharded) Megatron tensor ``key`` of ``layer``, built from the HF tensors."""
-    if key in _VOCAB_KEYS:
-        return _vocab_rows(key, reader, model, 0, shape[0])  # [V_padded, h]
+def _megatron_tensor(key: str, layer: int | None, reader: SafetensorsReader, model: ModelConfig) -> torch.Tensor:
+    """The whole (unsharded) Megatron tensor ``key`` of ``layer`` (not the vocabulary matrices)."""
     if key == "decoder.final_layernorm.weight":
         return reader.get("model.norm.weight")
     prefix = f"model.layers.{layer}."

@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from mrl.config.checks import is_positive_int, require_positive_ints
+from mrl.config.checks import require_optional_positive_ints, require_positive_ints
 
 
 @dataclass
@@ -50,11 +50,8 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         require_positive_ints(self, "parallel", ("tp", "pp", "cp"))
-        if self.dp is not None and not is_positive_int(self.dp):
-            raise ValueError(f"parallel.dp must be a positive integer or null, got {self.dp!r}")
+        require_optional_positive_ints(self, "parallel", ("dp", "vpp"))
         if self.vpp is not None:
-            if not is_positive_int(self.vpp):
-                raise ValueError(f"parallel.vpp must be a positive integer or null, got {self.vpp!r}")
             if self.pp < 2:
                 raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2, got pp={self.pp}")
         if not isinstance(self.timeout_minutes, (int, float)) or isinstance(self.timeout_minutes, bool) \
