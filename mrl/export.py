@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from mrl.config import load_config
 from mrl.config.job import JobConfig
 from mrl.model.config import PrecisionConfig
 from mrl.model.hf import hf_config, hf_state_dict, is_hf_model_dir, read_hf_config
+from mrl.runner import free_port
 from mrl.train.checkpoint import CheckpointError, resolve_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -101,10 +101,7 @@ def _single_process_group(device: str):
         enable_cpu_execution()
     else:
         torch.cuda.set_device(0)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
     dist.init_process_group("gloo" if device == "cpu" else "nccl", store=store, rank=0, world_size=1)
     try:
         yield

@@ -71,7 +71,8 @@ def run_job(cfg: JobConfig) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -109,7 +110,7 @@ def spawn_local(cfg: JobConfig, world_size: int) -> int:
                 "visible GPUs; launch multi-node runs with launch/mrl.sbatch or torchrun"
             )
     ctx = get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, cfg)) for rank in range(world_size)]
     for proc in procs:
         proc.start()
@@ -125,11 +126,28 @@ def spawn_local(cfg: JobConfig, world_size: int) -> int:
                 if proc.exitcode != 0 and status == 0:
                     status = proc.exitcode or 1
                     for other in pending:  # one rank failed: the others would wait forever
-                        other.terminate()
+                        _terminate_tree(other.pid)
     except KeyboardInterrupt:
         for proc in procs:
-            proc.terminate()
+            _terminate_tree(proc.pid)
         status = 130
     for proc in procs:
         proc.join()
     return status
+
+
+def _terminate_tree(pid: int) -> None:
+    """SIGTERM a rank and its descendants (helper processes such as Megatron's checkpoint-writer
+    manager would otherwise be orphaned, as SIGTERM skips the rank's exit handlers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass

@@ -39,6 +39,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (orphans would otherwise outlive the tests)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _worker(rank: int, world_size: int, port: int, log_dir: str, tasks, results) -> None:
     log = open(Path(log_dir) / f"rank{rank}.log", "a", buffering=1)
     os.dup2(log.fileno(), 1)
@@ -128,11 +144,18 @@ class RankPool:
             raise CaseFailed(f"{self.world_size} ranks did not start:\n{self._log_tails()}")
 
     def close(self) -> None:
+        """Stop the ranks: ask them to exit (so their own helper processes, e.g. the manager of
+        Megatron's checkpoint writer, are shut down too), then kill what is left, descendants first."""
         started = [proc for proc in self._procs if proc.pid is not None]
+        for proc, rank_queue in zip(started, getattr(self, "_tasks", [])):
+            if proc.is_alive():
+                rank_queue.put(None)
+        deadline = time.monotonic() + 10
+        for proc in started:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
         for proc in started:
             if proc.is_alive():
-                proc.kill()
-        for proc in started:
+                kill_tree(proc.pid)
             proc.join(timeout=5)
         self._procs = []
 
