@@ -44,6 +44,10 @@ def cmd_validate(args) -> int:
     dp = cfg.parallel.data_parallel_size(world)
     print(f"{args.config}: OK ({cfg.algorithm}, {world} ranks: tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
           f"cp={cfg.parallel.cp} dp={dp}, {cfg.train.num_microbatches(dp)} micro-batches per rank)")
+    if cfg.algorithm == "grpo":
+        rows, per_row = cfg.rollout_wave_rows(dp)
+        print(f"rollout KV cache: {rows} rows per wave x {per_row / 2**20:.3g} MiB per row = "
+              f"{rows * per_row / 2**30:.3g} GiB per rank (budget rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g})")
     return 0
 
 

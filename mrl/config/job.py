@@ -113,6 +113,13 @@ class JobConfig:
             multiple *= self.parallel.tp
         return multiple
 
+    def rollout_wave_rows(self, dp: int) -> tuple[int, int]:
+        """(rows per decoding wave, KV-cache bytes per row) of online rollouts on each rank."""
+        from mrl.rl.config import kv_cache_bytes_per_row
+
+        per_row = kv_cache_bytes_per_row(self.model, self.parallel, self.data.seq_length, self.precision.dtype)
+        return self.rollout.wave_rows(per_row, self.train.global_batch_size // dp), per_row
+
     def _check_initial_weights(self) -> None:
         """Hugging Face starting or reference weights must hold the architecture model.* describes."""
         from mrl.model.hf import check_model_matches_hf, is_hf_model_dir
@@ -232,3 +239,4 @@ class JobConfig:
                     )
                 if self.data.seq_length < 4 + self.rollout.max_new_tokens:
                     raise ValueError("data.seq_length leaves no room for prompts after rollout.max_new_tokens")
+                self.rollout_wave_rows(dp)

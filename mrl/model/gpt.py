@@ -8,7 +8,8 @@ Only the post-processing of the last pipeline stage differs from ``GPTModel``:
   token for PPO critics.
 
 The last stage returns vocab-sharded logits ``[b, s, V/tp]`` and, with a value head, the values
-``[b, s]`` as a tuple. Earlier stages return hidden states ``[s, b, h]`` as GPTModel does.
+``[b, s]`` as a tuple; under a KV-cached inference context that asks for the last token's logits
+only, ``s`` is 1 and the output layer runs on that position alone. Earlier stages return hidden states ``[s, b, h]`` as GPTModel does.
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ class PolicyGPT(GPTModel):
             torch.nn.init.normal_(self.value_head.weight, std=self.config.init_method_std)
             torch.nn.init.zeros_(self.value_head.bias)
 
-    def _postprocess(self, hidden_states, *args, runtime_gather_output=None, **kwargs):
+    def _postprocess(self, hidden_states, *args, runtime_gather_output=None, inference_context=None, **kwargs):
         if not self.post_process:
             return hidden_states
+        if (inference_context is not None and not self.training
+                and inference_context.materialize_only_last_token_logits):
+            if not inference_context.is_static_batching():
+                raise ValueError("PolicyGPT decodes with a static inference context only")
+            hidden_states = hidden_states[-1:]  # [1, b, h]: a KV-cached pass needs the last position only
         if self.config.mtp_num_layers is not None:
             raise ValueError("multi-token prediction is not supported by mrl's policy model")
         weight = (

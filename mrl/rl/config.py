@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
+from mrl.config.checks import require_optional_positive_ints
 from mrl.data.config import DataConfig
+
+GIB = 2**30
 
 
 @dataclass
@@ -21,6 +24,25 @@ class RolloutConfig:
 
     temperature: float = 1.0
     """Sampling temperature; the training log-probs use the same temperature."""
+
+    top_k: int = 0
+    """Sample from the k most likely tokens only (0: all). The loss's log-probs stay those of the
+    full tempered distribution; each sampled token also carries its log-prob under the truncated one."""
+
+    top_p: float = 1.0
+    """Sample from the smallest most-likely set of tokens whose probability reaches top_p (1: all);
+    applied after top_k, within the renormalised top-k."""
+
+    engine: Literal["megatron"] = "megatron"
+    """Rollout source: megatron (KV-cached decoding of the policy's own weights on its own layout)."""
+
+    decode_rows: Optional[int] = None
+    """Rows decoded together (one wave) on each data-parallel rank; None: as many as
+    rollout.kv_cache_gib allows, at most all of the rank's rows of a rollout."""
+
+    kv_cache_gib: float = 4.0
+    """KV-cache budget of each rank, in GiB: one wave needs 2 · layers/pp · kv_heads/tp · head_dim ·
+    rows · data.seq_length · bytes per activation element."""
 
     reward: str = "mrl.data.tasks:reverse_word_reward"
     """Reward function as 'module:function', called as f(prompt, completion[, answer]); it returns
@@ -58,6 +80,13 @@ class RolloutConfig:
             raise ValueError(f"rollout.group_size must be >= 2 for group advantages, got {self.group_size}")
         if not self.temperature > 0:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"rollout.top_k must be >= 0 (0 keeps every token), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        require_optional_positive_ints(self, "rollout", ("decode_rows",))
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.sft_warmup_steps < 0:
             raise ValueError(f"rollout.sft_warmup_steps must be >= 0, got {self.sft_warmup_steps}")
         if self.warmup_lr is not None and not self.warmup_lr > 0:
@@ -66,3 +95,29 @@ class RolloutConfig:
             raise ValueError(f"rollout.reward must be 'module:function', got {self.reward!r}")
         if self.warmup_data.kind != "sft":
             raise ValueError(f"rollout.warmup_data.kind must be 'sft', got {self.warmup_data.kind!r}")
+
+    def wave_rows(self, bytes_per_row: int, rows_per_rank: int) -> int:
+        """Rows of one decoding wave; ``ValueError`` naming the field when the budget is too small."""
+        budget = self.kv_cache_gib * GIB
+        if bytes_per_row > budget:
+            raise ValueError(
+                f"rollout.kv_cache_gib={self.kv_cache_gib:g} is too small for one row: its KV cache needs "
+                f"{bytes_per_row / GIB:.3g} GiB; raise rollout.kv_cache_gib or shorten data.seq_length"
+            )
+        if self.decode_rows is not None:
+            if self.decode_rows * bytes_per_row > budget:
+                raise ValueError(
+                    f"rollout.decode_rows={self.decode_rows} needs a {self.decode_rows * bytes_per_row / GIB:.3g} GiB "
+                    f"KV cache, over rollout.kv_cache_gib={self.kv_cache_gib:g}; at most "
+                    f"{int(budget // bytes_per_row)} rows fit"
+                )
+            return min(self.decode_rows, rows_per_rank)
+        return max(1, min(rows_per_rank, int(budget // bytes_per_row)))
+
+
+def kv_cache_bytes_per_row(model, parallel, seq_length: int, dtype: str) -> int:
+    """Bytes of one row's KV cache on one rank: 2 · layers/pp · kv_heads/tp · head_dim · S · bytes."""
+    kv_heads = model.num_query_groups or model.num_attention_heads
+    head_dim = model.hidden_size // model.num_attention_heads
+    element = 4 if dtype == "fp32" else 2
+    return 2 * (model.num_layers // parallel.pp) * max(kv_heads // parallel.tp, 1) * head_dim * seq_length * element

@@ -2,7 +2,8 @@
 
 One rollout (per ``rollout.updates_per_rollout`` optimizer steps):
   1. this DP rank's prompts (whole groups stay on one rank), each repeated G times;
-  2. completions from the ``RolloutSource`` (``PolicySampler`` by default);
+  2. completions from the ``RolloutSource`` that ``rollout.engine`` names (KV-cached decoding of
+     the policy by default), each token with its sampling log-prob (``rollout_logprobs``);
   3. rewards from the reward function; group-normalised advantages (zero-variance groups get 0);
   4. old-policy log-probs (and reference log-probs for the KL term) with the same micro-batching
      as training, so the first update is exactly on-policy (ratio 1);
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ from mrl.losses.metrics import MetricsAccumulator
 from mrl.losses.sft import SFTLossConfig
 from mrl.model.init import unwrap_ddp
 from mrl.rl.credit import token_credits, token_group_advantages
-from mrl.rl.sampler import PolicySampler
+from mrl.rl.rollout import build_rollout_source
 from mrl.rl.targets import outcome_value_targets
 from mrl.train.forward import annotate_logprobs
 from mrl.train.schedules import Scheduler, SchedulerConfig
@@ -47,12 +49,7 @@ class GRPOTrainer(Trainer):
     def __init__(self, cfg, layout) -> None:
         super().__init__(cfg, layout)
         self.reward_fn = load_reward_fn(cfg.rollout.reward)
-        self.sampler = PolicySampler(
-            self.model, layout, seq_length=cfg.data.seq_length, vocab_size=cfg.model.vocab_size,
-            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-            micro_batch_size=cfg.train.micro_batch_size,
-        )
+        self.rollout_source = build_rollout_source(cfg, self.model, layout, self.tokenizer, log=self.announce)
         self.queue: list[tuple[list[dict], dict]] = []
 
     # Prompts ------------------------------------------------------------------------------------
@@ -89,7 +86,10 @@ class GRPOTrainer(Trainer):
         examples = [self.prompts[i] for batch in self.data.next_step() for i in batch]
         room = cfg.data.seq_length - cfg.rollout.max_new_tokens
         prompts = [_fit(list(map(int, ex.tokens)), room) for ex in examples for _ in range(group)]
-        completions = self.sampler.generate(prompts, seed=cfg.seed * 1_000_003 + self.step)
+        started = time.monotonic()
+        rollout = self.rollout_source.generate(prompts, seed=cfg.seed * 1_000_003 + self.step)
+        completions = rollout.completions
+        generated = time.monotonic()
         scored = [
             self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, self.tokenizer.eos_id)), ex.answer)
             for ex, c in zip((ex for ex in examples for _ in range(group)), completions)
@@ -100,17 +100,25 @@ class GRPOTrainer(Trainer):
             rewards = torch.tensor(scored, dtype=torch.float32)  # [rows]
             advantages, adv_metrics = LF.group_advantages(rewards, group, normalize_std=cfg.rollout.normalize_std,
                                                           leave_one_out=cfg.rollout.leave_one_out)
-        rows = [self._row(p, c, a, r) for p, c, a, r in zip(prompts, completions, advantages, rewards.tolist())]
+        rows = [self._row(p, c, lp, a, r) for p, c, lp, a, r
+                in zip(prompts, completions, rollout.logprobs, advantages, rewards.tolist())]
         micro = cfg.train.micro_batch_size
         micro_batches = [_stack(rows[i: i + micro], self.device) for i in range(0, len(rows), micro)]
+        scored_at = time.monotonic()
         self._annotate(micro_batches)
         if cfg.loss.kind == "ppo" and cfg.model.value_head:
             for batch in micro_batches:
                 outcome_value_targets(batch)
         metrics = self._rollout_metrics(rewards, completions, adv_metrics)
+        timings = {"time_rollout_s": generated - started, "time_reward_s": scored_at - generated,
+                   "time_logprobs_s": time.monotonic() - scored_at,
+                   "gen_tokens_per_s": rollout.stats["tokens"] / max(generated - started, 1e-9)}
         per_update = len(micro_batches) // cfg.rollout.updates_per_rollout
         updates = [(micro_batches[i: i + per_update], metrics) for i in range(0, len(micro_batches), per_update)]
-        return updates * cfg.rollout.epochs
+        updates = updates * cfg.rollout.epochs
+        # The rollout's phases are paid once, by the step that ran it.
+        updates[0] = (updates[0][0], dict(metrics, **timings))
+        return updates
 
     def _token_advantages(self, completions: list[list[int]], char_credits: list[list[float]]):
         """Sequence rewards [rows] (mean character credit), per-token advantages, metrics."""
@@ -128,7 +136,7 @@ class GRPOTrainer(Trainer):
         _, metrics = LF.group_advantages(rewards, self.cfg.rollout.group_size)  # group counts only
         return rewards, [advantages[row, : len(v)] for row, v in enumerate(per_token)], metrics
 
-    def _row(self, prompt: list[int], completion: list[int], advantage, reward: float) -> dict:
+    def _row(self, prompt: list[int], completion: list[int], logprobs: list[float], advantage, reward: float) -> dict:
         length = self.cfg.data.seq_length
         full = prompt + completion
         tokens = torch.full((length,), self.tokenizer.pad_id, dtype=torch.long)
@@ -136,6 +144,8 @@ class GRPOTrainer(Trainer):
         labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
         start = len(prompt) - 1  # position that predicts the first completion token
         labels[start: start + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        sampled = torch.zeros(length)  # [S] log-prob of each completion token when it was sampled
+        sampled[start: start + len(completion)] = torch.tensor(logprobs)
         if isinstance(advantage, torch.Tensor):  # token-level: one advantage per completion token
             per_token = torch.zeros(length)
             per_token[start: start + len(completion)] = advantage
@@ -144,7 +154,7 @@ class GRPOTrainer(Trainer):
             advantage = torch.tensor(advantage)
         return {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).long(),
                 "position_ids": torch.arange(length), "advantages": advantage,
-                "rewards": torch.tensor(reward)}
+                "rewards": torch.tensor(reward), "rollout_logprobs": sampled}
 
     def _annotate(self, micro_batches: list[dict]) -> None:
         cfg = self.cfg

@@ -1,127 +1,161 @@
-"""Temperature sampling from the Megatron-Core policy across TP and PP, without gathering logits.
+"""KV-cached sampling from the Megatron-Core policy on its own TP/PP/VPP/DP layout (``rollout.engine: megatron``).
 
-A small rollout source for online GRPO at the scale of the CPU recipes; a production cluster
-pairs mrl with an inference engine behind the same ``RolloutSource`` interface (``generate``).
+``PolicySampler.generate(prompts, seed)``:
+  1. sorts this DP rank's prompts by length and cuts them into **waves** of at most
+     ``wave_rows`` rows (the KV-cache budget, see ``RolloutConfig.wave_rows``); with attention that
+     takes no padding masks (Transformer Engine) a wave also holds one prompt length only;
+  2. per wave: one prefill of the left-padded prompts (``KVCacheDecoder``), then one token per step;
+     the last pipeline stage samples (``vocab_parallel_sample``: temperature, top-k, top-p or
+     greedy, without gathering the vocabulary) and broadcasts the tokens and their log-probs to
+     the other stages; rows that emit eos leave the batch (their cache rows are compacted away);
+  3. returns completions and log-probs in prompt order, identical on every rank of the replica.
 
-Each decoding step runs the policy forward (Megatron's forward-only schedule, so any TP/PP
-layout works) over the padded rows and reads, on the last stage, the logits of each row's last
-token. The next token is drawn with the Gumbel-max trick on the vocabulary shards:
-``argmax_v (z_v/T + g_v)`` with independent Gumbel noise ``g`` is an exact sample of
-``softmax(z/T)``; each TP rank takes the maximum over its shard with its own noise stream, and
-one tiny all-gather of (max, index) picks the global winner. The tokens then go from the last
-pipeline stage to the others with a broadcast. Ids of the padded vocabulary are never drawn.
+Noise is seeded by (seed, wave, DP rank) — and the TP rank for full-distribution draws — so a
+rollout is reproducible on a given layout.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from mrl.losses.base import split_model_output
+from mrl.model.decoding import KVCacheDecoder, sequence_parallel_disabled, supports_padding_masks
+from mrl.ops.sampling import RowNoise, SamplingParams, vocab_parallel_sample
 from mrl.parallel.layout import ParallelLayout
-from mrl.train.step import run_schedule
-
-
-class RolloutSource(Protocol):
-    """Produces completions for prompts (token ids in, token ids out)."""
-
-    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
-        ...
+from mrl.rl.rollout import Rollout
 
 
 class PolicySampler:
     """Samples completions from the policy model chunks on this rank's layout."""
 
-    def __init__(self, chunks: list, layout: ParallelLayout, *, seq_length: int, vocab_size: int, eos_id: int,
-                 pad_id: int, max_new_tokens: int, temperature: float, micro_batch_size: int) -> None:
+    def __init__(self, chunks: list, layout: ParallelLayout, *, vocab_size: int, eos_id: int, pad_id: int,
+                 max_new_tokens: int, max_length: int, sampling: SamplingParams, wave_rows: int,
+                 decoder_factory: Callable[..., KVCacheDecoder] = KVCacheDecoder,
+                 log: Callable[[str], None] | None = None) -> None:
         self.chunks = chunks
         self.layout = layout
-        self.seq_length = seq_length
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.micro_batch_size = micro_batch_size
+        self.max_length = max_length
+        self.sampling = sampling
+        self.wave_rows = wave_rows
+        self.decoder_factory = decoder_factory
+        self.padding_masks = supports_padding_masks(chunks)
+        self.log = log
+        self._told_sequence_parallel = False
+
+    @classmethod
+    def from_config(cls, cfg, chunks: list, layout: ParallelLayout, tokenizer, log=None) -> "PolicySampler":
+        rollout = cfg.rollout
+        wave_rows, _ = cfg.rollout_wave_rows(layout.dp)
+        sampling = SamplingParams(temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p)
+        return cls(chunks, layout, vocab_size=cfg.model.vocab_size, eos_id=tokenizer.eos_id,
+                   pad_id=tokenizer.pad_id, max_new_tokens=rollout.max_new_tokens,
+                   max_length=cfg.data.seq_length, sampling=sampling, wave_rows=wave_rows, log=log)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
-        """Completions (ending with eos unless cut at max_new_tokens) for ``prompts``, identical on
-        every rank of this DP replica."""
-        rows = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts])  # [rows]
-        if int(lengths.max()) + self.max_new_tokens > self.seq_length:
-            raise ValueError(f"prompt of {int(lengths.max())} tokens + {self.max_new_tokens} new tokens "
-                             f"exceeds the sequence length {self.seq_length}")
-        tokens = torch.full((rows, self.seq_length), self.pad_id, dtype=torch.long)  # [rows, S]
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = torch.tensor(prompt)
-        done = torch.zeros(rows, dtype=torch.bool)
-        generator = torch.Generator().manual_seed(hash((seed, self.layout.dp_rank, self.layout.tp_rank)) % 2**62)
+    def generate(self, prompts: list[list[int]], seed: int) -> Rollout:
+        """Completions (ending with eos unless cut at max_new_tokens) and their log-probs."""
+        started = time.monotonic()
+        self._check(prompts)
+        completions: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        waves = self._waves(prompts)
         was_training = [chunk.training for chunk in self.chunks]
         for chunk in self.chunks:
             chunk.eval()
         try:
-            for _ in range(self.max_new_tokens):
-                next_tokens = self._next_tokens(tokens, lengths, generator)  # [rows]
-                next_tokens = torch.where(done, torch.full_like(next_tokens, self.pad_id), next_tokens)
-                active = ~done
-                tokens[active, lengths[active]] = next_tokens[active]
-                lengths = lengths + active.long()
-                done = done | (next_tokens == self.eos_id)
-                if bool(done.all()):
-                    break
+            with sequence_parallel_disabled(self.chunks) as switched_off:
+                self._note_sequence_parallel(switched_off)
+                for index, rows in enumerate(waves):
+                    tokens, lps = self._decode_wave([prompts[r] for r in rows], seed, index)
+                    for row, row_tokens, row_lps in zip(rows, tokens, lps):
+                        completions[row], logprobs[row] = row_tokens, row_lps
         finally:
             for chunk, mode in zip(self.chunks, was_training):
                 chunk.train(mode)
-        return [tokens[row, len(prompts[row]): int(lengths[row])].tolist() for row in range(rows)]
+        seconds = time.monotonic() - started
+        generated = sum(len(c) for c in completions)
+        return Rollout(completions, logprobs, {"seconds": seconds, "tokens": float(generated),
+                                               "waves": float(len(waves))})
 
-    def _next_tokens(self, tokens: torch.Tensor, lengths: torch.Tensor, generator) -> torch.Tensor:
-        rows = tokens.shape[0]
-        picked = torch.zeros(rows, dtype=torch.long)
-        micro_batches = []
-        for start in range(0, rows, self.micro_batch_size):
-            chunk = tokens[start: start + self.micro_batch_size]
-            micro_batches.append({
-                "tokens": chunk,
-                "position_ids": torch.arange(self.seq_length).unsqueeze(0).expand_as(chunk),
-                "rows": torch.arange(start, start + chunk.shape[0]),
-            })
+    def _check(self, prompts: list[list[int]]) -> None:
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest + self.max_new_tokens > self.max_length:
+            raise ValueError(f"prompt of {longest} tokens + {self.max_new_tokens} new tokens "
+                             f"exceeds the sequence length {self.max_length}")
 
-        def sample(batch, output):
-            logits, _ = split_model_output(output)  # [b, S, V/tp]
-            rows_ = batch["rows"]
-            last = logits[torch.arange(len(rows_)), lengths[rows_] - 1].float()  # [b, V/tp]
-            picked[rows_] = self._gumbel_argmax(last, generator)
-            zero = torch.zeros((), dtype=torch.float32)
-            return zero, torch.zeros((), dtype=torch.int), {}
+    def _waves(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Prompt indices of each wave: by length, at most ``wave_rows`` rows (one length without masks)."""
+        order = sorted(range(len(prompts)), key=lambda r: (len(prompts[r]), r))
+        waves: list[list[int]] = []
+        for row in order:
+            if (not waves or len(waves[-1]) == self.wave_rows
+                    or (not self.padding_masks and len(prompts[waves[-1][0]]) != len(prompts[row]))):
+                waves.append([])
+            waves[-1].append(row)
+        return waves
 
-        run_schedule(self.chunks, micro_batches, sample, forward_only=True, seq_length=self.seq_length)
-        return self._from_last_stage(picked)
+    def _note_sequence_parallel(self, switched_off: bool) -> None:
+        if switched_off and not self._told_sequence_parallel and self.log is not None:
+            self.log("decoding runs without sequence parallelism (a decode step holds one token per row)")
+        self._told_sequence_parallel = self._told_sequence_parallel or switched_off
 
-    def _gumbel_argmax(self, logits: torch.Tensor, generator) -> torch.Tensor:
-        """Global sample index per row from this rank's vocab shard [b, V/tp] (module docstring)."""
-        shard = logits.shape[-1]
-        first = self.layout.tp_rank * shard
-        ids = torch.arange(first, first + shard)
-        uniform = torch.rand(logits.shape, generator=generator).clamp_(1e-20, 1.0)
-        scores = logits / self.temperature - torch.log(-torch.log(uniform))  # [b, V/tp]
-        scores = scores.masked_fill(ids >= self.vocab_size, float("-inf"))
-        best, index = scores.max(dim=-1)  # [b]
-        if self.layout.tp == 1:
-            return index + first
-        packed = torch.stack([best.double(), (index + first).double()], dim=-1)  # [b, 2]
-        gathered = [torch.empty_like(packed) for _ in range(self.layout.tp)]
-        dist.all_gather(gathered, packed, group=self.layout.tp_group)
-        stacked = torch.stack(gathered)  # [tp, b, 2]
-        winner = stacked[..., 0].argmax(dim=0)  # [b]
-        return stacked[winner, torch.arange(stacked.shape[1]), 1].long()
+    # One wave -----------------------------------------------------------------------------------
 
-    def _from_last_stage(self, picked: torch.Tensor) -> torch.Tensor:
-        if self.layout.pp == 1:
-            return picked
-        source = dist.get_global_rank(self.layout.pp_group, self.layout.pp - 1)
-        dist.broadcast(picked, src=source, group=self.layout.pp_group)
-        return picked
+    def _decode_wave(self, prompts: list[list[int]], seed: int, wave: int):
+        rows = len(prompts)
+        longest = max(len(p) for p in prompts)
+        pad = torch.tensor([longest - len(p) for p in prompts])  # [rows] leading pads
+        tokens = torch.full((rows, longest), self.pad_id, dtype=torch.long)  # [rows, L] left-padded
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt):] = torch.tensor(prompt)
+        decoder = self.decoder_factory(self.chunks, self.layout, max_rows=rows,
+                                       max_length=longest + self.max_new_tokens, padding_masks=self.padding_masks)
+        rank_noise, shared_noise = self._generators(seed, wave, decoder.device)
+        out_tokens: list[list[int]] = [[] for _ in range(rows)]
+        out_lps: list[list[float]] = [[] for _ in range(rows)]
+        active = torch.arange(rows)  # wave rows still decoding, in cache order
+        logits = decoder.prefill(tokens, pad)
+        for step in range(self.max_new_tokens):
+            picked, lps = self._sample(logits, rows, active, rank_noise, shared_noise)
+            for row, token, lp in zip(active.tolist(), picked.tolist(), lps.tolist()):
+                out_tokens[row].append(token)
+                out_lps[row].append(lp)
+            going = picked != self.eos_id
+            if step == self.max_new_tokens - 1 or not bool(going.any()):
+                break
+            if not bool(going.all()):
+                decoder.keep(going.nonzero().squeeze(1))
+                active, picked = active[going], picked[going]
+            logits = decoder.step(picked)
+        return out_tokens, out_lps
+
+    def _generators(self, seed: int, wave: int, device) -> tuple[torch.Generator, torch.Generator]:
+        """(per-TP-rank, shared-by-TP-ranks) generators of this wave."""
+        base = (seed, wave, self.layout.dp_rank)
+        rank = torch.Generator(device=device).manual_seed(hash(base + (self.layout.tp_rank,)) % 2**62)
+        shared = torch.Generator(device=device).manual_seed(hash(base + (-1,)) % 2**62)
+        return rank, shared
+
+    def _sample(self, logits, rows: int, active: torch.Tensor, rank_gen, shared_gen):
+        """Tokens and log-probs of the active rows, sampled on the last stage, known to every stage."""
+        count = len(active)
+        packed = torch.zeros((2, count), dtype=torch.float64, device=rank_gen.device)
+        if self.layout.is_last_stage:
+            sampled = vocab_parallel_sample(
+                logits, self.layout.tp_group, self.sampling, vocab_size=self.vocab_size,
+                rank_noise=RowNoise(rank_gen, rows, active), shared_noise=RowNoise(shared_gen, rows, active),
+            )
+            packed[0], packed[1] = sampled.tokens, sampled.logprobs
+        if self.layout.pp > 1:
+            source = dist.get_global_rank(self.layout.pp_group, self.layout.pp - 1)
+            dist.broadcast(packed, src=source, group=self.layout.pp_group)
+        return packed[0].long().cpu(), packed[1].float().cpu()

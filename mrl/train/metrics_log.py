@@ -69,6 +69,9 @@ class MetricsLog:
         if record.get("skipped"):
             parts.append(f"SKIPPED ({record.get('skip_reason')})")
         parts.append(f"{record.get('tokens_per_s', 0):.0f} tok/s")
+        if isinstance(record.get("time_rollout_s"), (int, float)):
+            parts.append(f"rollout {record['time_rollout_s']:.1f}s ({record.get('gen_tokens_per_s', 0):.0f} gen tok/s)"
+                         f" logprobs {record.get('time_logprobs_s', 0):.1f}s train {record.get('time_train_s', 0):.1f}s")
         parts.append(f"eta {_duration(eta)}")
         return " | ".join(parts)
 

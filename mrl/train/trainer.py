@@ -125,9 +125,11 @@ class Trainer:
         counts = compute_global_counts(micro_batches, self.layout.dp_group,
                                        paired=self.loss_fn.normalizer == "pairs")
         lr = self.scheduler.lr
+        training = time.monotonic()
         result = self.train_step(micro_batches, counts)
         self.step += 1
-        self._log_step(result, counts, dict(extra, lr=lr), time.monotonic() - started, micro_batches)
+        extra = dict(extra, lr=lr, time_train_s=time.monotonic() - training)
+        self._log_step(result, counts, extra, time.monotonic() - started, micro_batches)
         return result
 
     def next_batches(self) -> tuple[list[dict], dict[str, float]]:
