@@ -41,22 +41,26 @@ class FullForwardDecoder:
     def _forward(self):
         length = -(-self.max_length // 8) * 8  # a multiple of tp for sequence parallelism
         layout = self.layout
-        # One row per micro-batch; interleaved pipelining needs a multiple of pp micro-batches.
         count = len(self.rows)
-        padded = count if not layout.vpp else -(-count // layout.pp) * layout.pp
+        # All rows in one micro-batch; interleaved pipelining needs a multiple of pp micro-batches,
+        # so there each row is its own micro-batch, repeated up to such a multiple.
+        groups = [list(range(count))]
+        if layout.vpp:
+            groups = [[min(i, count - 1)] for i in range(-(-count // layout.pp) * layout.pp)]
         batches = []
-        for index in range(padded):
-            row = self.rows[min(index, count - 1)]
-            tokens = torch.zeros((1, length), dtype=torch.long)  # [1, S] right-padded
-            tokens[0, : len(row)] = torch.tensor(row)
-            batches.append({"tokens": tokens.to(self.device), "last": len(row) - 1,
-                            "position_ids": torch.arange(length).unsqueeze(0).to(self.device)})
+        for group in groups:
+            tokens = torch.zeros((len(group), length), dtype=torch.long)  # [rows, S] right-padded
+            for index, row in enumerate(group):
+                tokens[index, : len(self.rows[row])] = torch.tensor(self.rows[row])
+            batches.append({"tokens": tokens.to(self.device),
+                            "last": torch.tensor([len(self.rows[row]) - 1 for row in group]),
+                            "position_ids": torch.arange(length).expand(len(group), -1).to(self.device)})
         captured = []
 
         def last_logits(batch, output):
-            logits, _ = split_model_output(output)  # [1, S, V/tp]
-            captured.append(logits[0, batch["last"]].float())
+            logits, _ = split_model_output(output)  # [rows, S, V/tp]
+            captured.append(logits[torch.arange(len(batch["last"])), batch["last"]].float())
             return torch.zeros(()), torch.zeros((), dtype=torch.int), {}
 
         run_schedule(self.chunks, batches, last_logits, forward_only=True, seq_length=length)
-        return torch.stack(captured[:count]) if layout.is_last_stage else None
+        return torch.cat(captured)[:count] if layout.is_last_stage else None

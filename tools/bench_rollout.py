@@ -1,0 +1,167 @@
+"""Rollout throughput: the KV-cached sampler against a full-forward-per-token reference, same run.
+
+Both variants are mrl's ``PolicySampler`` on the same model, weights, prompts and seed; only the
+decoder differs:
+
+* ``kv-cache``      ``mrl.model.decoding.KVCacheDecoder`` (Megatron-Core's static inference context:
+                    one prefill, then one position per row and step, last-token logits only);
+* ``full-forward``  ``tests/reference_decoding.FullForwardDecoder`` (every step runs the whole
+                    sequence of every active row through the training forward, as a sampler without a
+                    cache does).
+
+For each sequence length S the prompts have S - new_tokens tokens and every row generates exactly
+``new_tokens`` tokens (no eos), so both variants produce the same number of tokens. Printed:
+generated tokens/s of each, their ratio, and peak memory. Peak memory on CPU is the growth of the
+process's resident set during generation (``ru_maxrss``, so each variant runs in fresh processes);
+on CUDA ``torch.cuda.max_memory_allocated`` beyond the model.
+
+    python tools/bench_rollout.py                         # CPU gloo: S = 64, 256, 1024 at TP1 and TP2
+    python tools/bench_rollout.py --device cuda --tp 1    # one GPU, bf16, a larger model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CPU_MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=259)
+CUDA_MODEL = dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=8, vocab_size=32000)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, args, variant: str, seq: int, port: int, results) -> None:
+    try:
+        _measure(rank, args, variant, seq, port, results)
+    except BaseException:
+        import traceback
+
+        results.put(("error", rank, traceback.format_exc()))
+        raise
+
+
+def _measure(rank: int, args, variant: str, seq: int, port: int, results) -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from mrl.model.builder import build_model
+    from mrl.model.config import ModelConfig, PrecisionConfig
+    from mrl.model.decoding import KVCacheDecoder
+    from mrl.ops.sampling import SamplingParams
+    from mrl.parallel.layout import ParallelConfig, ParallelLayout
+    from mrl.rl.sampler import PolicySampler
+    from tests.reference_decoding import FullForwardDecoder
+
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        from mrl.parallel.cpu import enable_cpu_execution
+
+        enable_cpu_execution()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.tp)
+    layout = ParallelLayout.initialize(ParallelConfig(tp=args.tp))
+    layout.seed(1)
+    fields = CUDA_MODEL if cuda else CPU_MODEL
+    model = ModelConfig(**fields, max_sequence_length=seq)
+    precision = PrecisionConfig(dtype="bf16" if cuda else "fp32")
+    chunks = build_model(model, precision, layout, args.device, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    prompt_len = seq - args.new_tokens
+    prompts = [torch.randint(3, model.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(args.rows)]
+    decoder = KVCacheDecoder if variant == "kv-cache" else FullForwardDecoder
+    sampler = PolicySampler(chunks, layout, vocab_size=model.vocab_size, eos_id=-1, pad_id=0,
+                            max_new_tokens=args.new_tokens, max_length=seq, sampling=SamplingParams(),
+                            wave_rows=args.rows, decoder_factory=decoder)
+    sampler.generate(prompts[:2], seed=0)  # warm-up (allocator, first-call costs)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dist.barrier()
+    started = time.perf_counter()
+    rollout = sampler.generate(prompts, seed=1)
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    seconds = time.perf_counter() - started
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    if rank == 0:
+        results.put(("ok", seconds, sum(len(c) for c in rollout.completions), peak))
+    layout.destroy()
+    dist.destroy_process_group()
+
+
+def run_variant(args, variant: str, seq: int) -> tuple[float, int, int]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, args, variant, seq, port, results)) for rank in range(args.tp)]
+    for proc in procs:
+        proc.start()
+    try:
+        outcome = results.get(timeout=args.timeout)
+        if outcome[0] == "error":
+            raise RuntimeError(f"{variant} at S={seq}, rank {outcome[1]} failed:\n{outcome[2]}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return outcome[1:]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tp", type=int, nargs="*", help="TP degrees (default: 1 2 on CPU, 1 on CUDA)")
+    parser.add_argument("--seq", type=int, nargs="*", default=[64, 256, 1024], help="sequence lengths S")
+    parser.add_argument("--rows", type=int, default=8, help="rows decoded together")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per variant")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_rollout: --device cuda needs a CUDA GPU; none is visible", file=sys.stderr)
+        return 2
+    degrees = args.tp or ([1, 2] if args.device == "cpu" else [1])
+    model = CUDA_MODEL if args.device == "cuda" else CPU_MODEL
+    if args.device == "cuda" and max(degrees) > torch.cuda.device_count():
+        print(f"bench_rollout: --tp {max(degrees)} needs that many GPUs; {torch.cuda.device_count()} visible",
+              file=sys.stderr)
+        return 2
+    print(f"model {model}, {args.rows} rows x {args.new_tokens} new tokens, device {args.device}")
+    print(f"{'tp':>3} {'S':>5} | {'kv-cache tok/s':>14} {'peak MiB':>9} | {'full-forward tok/s':>18} "
+          f"{'peak MiB':>9} | {'speed-up':>8}")
+    for tp in degrees:
+        args_tp = argparse.Namespace(**{**vars(args), "tp": tp})
+        for seq in args.seq:
+            kv_s, kv_n, kv_peak = run_variant(args_tp, "kv-cache", seq)
+            ff_s, ff_n, ff_peak = run_variant(args_tp, "full-forward", seq)
+            kv_rate, ff_rate = kv_n / kv_s, ff_n / ff_s
+            print(f"{tp:>3} {seq:>5} | {kv_rate:>14.0f} {kv_peak / 2**20:>9.1f} | {ff_rate:>18.0f} "
+                  f"{ff_peak / 2**20:>9.1f} | {kv_rate / ff_rate:>7.1f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
