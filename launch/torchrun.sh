@@ -10,6 +10,8 @@
 # environment conventions of launch/mrl.sbatch apply (MRL_PYTHON, MRL_SITE_ENV, MRL_TORCHRUN_ARGS,
 # NCCL_DEBUG=WARN, TORCH_NCCL_ASYNC_ERROR_HANDLING=3, the NCCL flight recorder, and
 # CUDA_DEVICE_MAX_CONNECTIONS=1 when tp > 1 or cp > 1); variables already set are kept.
+# SIGTERM or SIGINT (Ctrl-C) to this script reaches every rank as SIGTERM: the ranks finish the
+# current step, save a checkpoint and exit; the script then exits with 128 + the signal number.
 
 set -euo pipefail
 # shellcheck source=launch/mrl.sbatch
@@ -52,9 +54,13 @@ mrl_torchrun_main() {
   mrl_log "phase launch"
   local extra=()
   read -r -a extra <<<"${MRL_TORCHRUN_ARGS:-}"
-  local status=0
-  "$python" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$nproc" \
-    --max-restarts=0 "${extra[@]}" -m mrl train "$@" || status=$?
+  mrl_run_forwarding "$python" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$nproc" \
+    --max-restarts=0 "${extra[@]}" -m mrl train "$@"
+  local status=$MRL_STATUS
+  if [[ -n $MRL_STOP_SIGNAL ]]; then
+    mrl_log "stopped on SIG$MRL_STOP_SIGNAL after ${SECONDS}s; rerun the same command to resume"
+    exit $((128 + $(kill -l "$MRL_STOP_SIGNAL")))
+  fi
   ((status == 0)) || mrl_die "training failed (torchrun exit status $status) after ${SECONDS}s"
   mrl_log "phase done in ${SECONDS}s"
 }

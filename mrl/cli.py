@@ -27,13 +27,12 @@ def _world_size(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    from mrl.runner import run_job, spawn_local, under_launcher
+    from mrl.runner import run_rank, spawn_local, under_launcher
 
     cfg = _load(args)
     cfg.validate(_world_size(cfg))
     if under_launcher():
-        run_job(cfg)
-        return 0
+        return run_rank(cfg)
     return spawn_local(cfg, cfg.default_world_size())
 
 
@@ -44,6 +43,8 @@ def cmd_validate(args) -> int:
     dp = cfg.parallel.data_parallel_size(world)
     print(f"{args.config}: OK ({cfg.algorithm}, {world} ranks: tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
           f"cp={cfg.parallel.cp} dp={dp}, {cfg.train.num_microbatches(dp)} micro-batches per rank)")
+    print(f"on SIGTERM, SIGINT or SIGUSR1: finish the step and save a checkpoint within "
+          f"train.stop_timeout_s={cfg.train.stop_timeout_s} s")
     if cfg.algorithm == "grpo":
         rows, per_row = cfg.rollout_wave_rows(dp)
         print(f"rollout KV cache: {rows} rows per wave x {per_row / 2**20:.3g} MiB per row = "

@@ -11,11 +11,10 @@ the world size, build the layout and the trainer for the algorithm, train, tear 
 from __future__ import annotations
 
 import os
+import signal
 import socket
-import sys
-import traceback
+import time
 from datetime import timedelta
-from multiprocessing import get_context
 from pathlib import Path
 
 from mrl.config.job import JobConfig
@@ -38,8 +37,34 @@ def build_trainer(cfg: JobConfig, layout):
     return Trainer(cfg, layout)
 
 
-def run_job(cfg: JobConfig) -> None:
-    """Train ``cfg`` on this rank; torch.distributed comes from the launcher's environment."""
+def run_rank(cfg: JobConfig) -> int:
+    """``run_job`` with its outcome as an exit status: a stop signal outside the loop and any error
+    are reported once (``mrl.rank_errors``) instead of as a traceback from every rank."""
+    from mrl import rank_errors
+    from mrl.train.stop import Interrupted, StopSignals
+
+    rank = int(os.environ.get("RANK", "0"))
+    stop = StopSignals(cfg.train.stop_timeout_s)
+    stop.install()
+    try:
+        run_job(cfg, stop)
+    except Interrupted as exc:
+        if rank == 0:
+            print(f"[mrl] {exc} before the first step boundary (set-up or warm-up); no checkpoint was "
+                  "written, a rerun starts from the latest complete one, if any", flush=True)
+        return 128 + (stop.received or signal.SIGTERM)
+    except BaseException as exc:  # noqa: BLE001 - reported, then the exit status says it failed
+        rank_errors.report(exc, rank, Path(cfg.log.output_dir) / "logs")
+        return 1
+    finally:
+        stop.restore()
+    return 0
+
+
+def run_job(cfg: JobConfig, stop=None) -> None:
+    """Train ``cfg`` on this rank; torch.distributed comes from the launcher's environment.
+
+    ``stop`` (a ``StopSignals``) lets a signal end the run after a step, with a checkpoint."""
     import torch
     import torch.distributed as dist
 
@@ -65,7 +90,10 @@ def run_job(cfg: JobConfig) -> None:
     layout = ParallelLayout.initialize(cfg.parallel)
     try:
         layout.seed(cfg.seed)
-        build_trainer(cfg, layout).train()
+        trainer = build_trainer(cfg, layout)
+        if stop is not None:
+            trainer.stop_signals = stop
+        trainer.train()
     finally:
         layout.destroy()
         dist.destroy_process_group()
@@ -81,13 +109,11 @@ def free_port() -> int:
 def _rank_main(rank: int, world_size: int, port: int, cfg: JobConfig) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from mrl.processes import die_with_parent
+
+    die_with_parent(signal.SIGTERM)  # `kill -9` of mrl train: the ranks still stop (and save)
     _quiet_library_warnings()
-    try:
-        run_job(cfg)
-    except BaseException:
-        sys.stderr.write(f"[rank {rank}] " + traceback.format_exc())
-        sys.stderr.flush()
-        raise SystemExit(1)
+    raise SystemExit(run_rank(cfg))
 
 
 def _quiet_library_warnings() -> None:
@@ -109,45 +135,9 @@ def spawn_local(cfg: JobConfig, world_size: int) -> int:
                 f"the recipe needs {world_size} ranks but this machine has {torch.cuda.device_count()} "
                 "visible GPUs; launch multi-node runs with launch/mrl.sbatch or torchrun"
             )
-    ctx = get_context("spawn")
+    from mrl.supervisor import run_local_ranks
+
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, cfg)) for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
-    status = 0
-    try:
-        pending = list(procs)
-        while pending:
-            for proc in list(pending):
-                proc.join(timeout=0.5)
-                if proc.exitcode is None:
-                    continue
-                pending.remove(proc)
-                if proc.exitcode != 0 and status == 0:
-                    status = proc.exitcode or 1
-                    for other in pending:  # one rank failed: the others would wait forever
-                        _terminate_tree(other.pid)
-    except KeyboardInterrupt:
-        for proc in procs:
-            _terminate_tree(proc.pid)
-        status = 130
-    for proc in procs:
-        proc.join()
-    return status
-
-
-def _terminate_tree(pid: int) -> None:
-    """SIGTERM a rank and its descendants (helper processes such as Megatron's checkpoint-writer
-    manager would otherwise be orphaned, as SIGTERM skips the rank's exit handlers)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        family = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for process in family:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
+    os.environ["MRL_RUN_ID"] = f"local-{os.getpid()}-{int(time.time())}"
+    return run_local_ranks(_rank_main, lambda rank: (rank, world_size, port, cfg), world_size,
+                           stop_timeout_s=cfg.train.stop_timeout_s, log_dir=Path(cfg.log.output_dir) / "logs")

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,52 @@ def test_torchrun_single_node_matches_the_batch_job(sbatch_job, tmp_path):
     assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in proc.stdout
     # Same recipe, seed and layout: the launcher must not change a single number.
     assert losses == pytest.approx([m["loss"] for m in read_metrics(batch_output)], rel=1e-6)
+
+
+@pytest.mark.parametrize("launcher", ["sbatch", pytest.param("torchrun", marks=pytest.mark.soak)])
+def test_a_stop_signal_saves_a_checkpoint_and_leaves_no_process(tmp_path, launcher):
+    """sbatch: SLURM's early warning (SIGUSR1 to the batch script); torchrun.sh: SIGTERM."""
+    from tests.test_run_control import session_processes
+
+    output_dir = tmp_path / "out"
+    overrides = ["parallel.tp=1", "parallel.pp=1", "train.steps=500", "train.global_batch_size=8",
+                 "train.micro_batch_size=4", f"log.output_dir={output_dir}"]
+    if launcher == "sbatch":
+        env = slurm_env(tmp_path, MRL_NPROC_PER_NODE="1", MRL_RDZV_PORT=str(free_port()), MRL_REQUEUE="1",
+                        MRL_FAKE_REQUEUE_LOG=str(tmp_path / "requeue.log"))
+        command, signum = ["bash", str(SBATCH), RECIPE, *overrides], signal.SIGUSR1
+    else:
+        command, signum = ["bash", str(TORCHRUN), "2", RECIPE, *overrides], signal.SIGTERM
+        env = clean_env()
+    log = tmp_path / "launcher.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((output_dir / "metrics.jsonl").exists() and len(read_metrics(output_dir)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        status = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    step = read_metrics(output_dir)[-1]["step"]
+    assert (output_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}", text
+    if launcher == "sbatch":
+        log_dir = tmp_path / "logs" / "mrl_test-4242"
+        assert status == 0, text
+        assert "SIGUSR1: the ranks finish their step and save a checkpoint (train.stop_timeout_s=240)" in text
+        assert "stopped on SIGUSR1" in text and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=270" in text
+        assert (tmp_path / "requeue.log").read_text() == "4242\n"
+        text += "".join(path.read_text() for path in log_dir.glob("node*.log"))
+    else:
+        assert status == 128 + signal.SIGTERM, text
+        assert "stopped on SIGTERM" in text
+    assert f"stopped by SIGTERM at step {step}/500: saved {output_dir}/checkpoints/step_{step:08d}" in text
+    assert session_processes(proc.pid) == []
 
 
 # --------------------------------------------------------------------------- failure paths

@@ -34,6 +34,12 @@ class TrainConfig:
     max_consecutive_bad_steps: int = 3
     """Stop the run after this many consecutive steps with a non-finite loss or gradient norm."""
 
+    stop_timeout_s: int = 240
+    """On SIGTERM, SIGINT or SIGUSR1 (a SLURM time limit, preemption or early warning; Ctrl-C) the
+    ranks finish the current step and save a checkpoint; a rank still running this many seconds
+    after the signal exits without one. 0: stop at once, no checkpoint. Keep it below the time the
+    scheduler allows before SIGKILL (launch/mrl.sbatch asks SLURM for its warning 300 s ahead)."""
+
     init_checkpoint: Optional[str] = None
     """Start from these model weights: an mrl checkpoint directory (e.g. an SFT run's) or a Hugging
     Face model directory (config.json + safetensors; Llama, Mistral, Qwen2, Qwen3), whose config
@@ -43,8 +49,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require_positive_ints(self, "train", ("steps", "global_batch_size", "micro_batch_size", "log_interval",
                                               "max_consecutive_bad_steps", "keep_checkpoints"))
-        if self.save_interval < 0:
-            raise ValueError(f"train.save_interval must be >= 0, got {self.save_interval}")
+        for name in ("save_interval", "stop_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
         if self.global_batch_size % self.micro_batch_size != 0:
             raise ValueError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "

@@ -43,6 +43,7 @@ from mrl.train.metrics_log import MetricsLog
 from mrl.train.optim import build_optimizer, wrap_ddp
 from mrl.train.schedules import Scheduler
 from mrl.train.step import StepResult, TrainStep
+from mrl.train.stop import StopSignals, signal_name
 
 
 class Trainer:
@@ -71,6 +72,8 @@ class Trainer:
                               total_steps=cfg.train.steps, progress=cfg.log.progress,
                               tensorboard=cfg.log.tensorboard, log_interval=cfg.train.log_interval)
         self.step = 0
+        self.stop_signals = StopSignals.disabled()  # run_job installs the job's signal handling here
+        self.stopped_by: str | None = None  # the signal that stopped the run early, if any
         self.data = self._build_data()
         self.peak_flops = peak_flops_per_gpu() if cfg.device == "cuda" else None
         self.num_params = count_parameters(self.model, layout) if self.peak_flops else None
@@ -111,12 +114,27 @@ class Trainer:
     def train(self) -> list[StepResult]:
         self._resume()
         results = []
-        while self.step < self.cfg.train.steps:
-            results.append(self.train_one_step())
-            if self._should_save():
-                self.save()
+        with self.stop_signals.at_step_boundaries():
+            while self.step < self.cfg.train.steps:
+                results.append(self.train_one_step())
+                saved = self._should_save()
+                if saved:
+                    self.save()
+                signum = self.stop_signals.agreed(self.device)
+                if signum:
+                    self._stop_early(signal_name(signum), saved)
+                    break
         self.log.close()
         return results
+
+    def _stop_early(self, name: str, saved: bool) -> None:
+        """A stop signal reached some rank: save this step (unless just saved) and say so."""
+        path = self.checkpoint_dir / f"step_{self.step:08d}"
+        if not saved:
+            path = self.save()
+        self.stopped_by = name
+        self.announce(f"stopped by {name} at step {self.step}/{self.cfg.train.steps}: saved {path}; "
+                      "run the same command again to resume from it")
 
     def train_one_step(self) -> StepResult:
         started = time.monotonic()
