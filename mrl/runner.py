@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -37,17 +38,22 @@ def build_trainer(cfg: JobConfig, layout):
     return Trainer(cfg, layout)
 
 
-def run_rank(cfg: JobConfig) -> int:
+def run_rank(cfg: JobConfig, *, lock_held: bool = False) -> int:
     """``run_job`` with its outcome as an exit status: a stop signal outside the loop and any error
     are reported once (``mrl.rank_errors``) instead of as a traceback from every rank."""
     from mrl import rank_errors
+    from mrl.run_lock import RunLocked
     from mrl.train.stop import Interrupted, StopSignals
 
     rank = int(os.environ.get("RANK", "0"))
     stop = StopSignals(cfg.train.stop_timeout_s)
     stop.install()
     try:
-        run_job(cfg, stop)
+        run_job(cfg, stop, lock_held=lock_held)
+    except RunLocked as exc:  # raised on every rank; said once, and not into the other run's logs
+        if rank == 0:
+            print(f"mrl train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except Interrupted as exc:
         if rank == 0:
             print(f"[mrl] {exc} before the first step boundary (set-up or warm-up); no checkpoint was "
@@ -61,14 +67,14 @@ def run_rank(cfg: JobConfig) -> int:
     return 0
 
 
-def run_job(cfg: JobConfig, stop=None) -> None:
+def run_job(cfg: JobConfig, stop=None, *, lock_held: bool = False) -> None:
     """Train ``cfg`` on this rank; torch.distributed comes from the launcher's environment.
 
-    ``stop`` (a ``StopSignals``) lets a signal end the run after a step, with a checkpoint."""
+    ``stop`` (a ``StopSignals``) lets a signal end the run after a step, with a checkpoint.
+    ``lock_held``: the caller holds the output directory's lock (else rank 0 takes it)."""
     import torch
     import torch.distributed as dist
 
-    from mrl.config import dump_yaml
     from mrl.parallel.layout import ParallelLayout, init_distributed
 
     if cfg.device == "cuda":
@@ -84,19 +90,50 @@ def run_job(cfg: JobConfig, stop=None) -> None:
     _quiet_library_warnings()
     init_distributed(backend, timedelta(minutes=cfg.parallel.timeout_minutes))
     cfg.validate(dist.get_world_size())
-    if dist.get_rank() == 0:
-        Path(cfg.log.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.log.output_dir) / "config.yaml").write_text(dump_yaml(cfg))
-    layout = ParallelLayout.initialize(cfg.parallel)
+    lock = _open_run_dir(cfg, take_lock=not lock_held)
     try:
-        layout.seed(cfg.seed)
-        trainer = build_trainer(cfg, layout)
-        if stop is not None:
-            trainer.stop_signals = stop
-        trainer.train()
+        layout = ParallelLayout.initialize(cfg.parallel)
+        try:
+            layout.seed(cfg.seed)
+            trainer = build_trainer(cfg, layout)
+            if stop is not None:
+                trainer.stop_signals = stop
+            trainer.train()
+        finally:
+            layout.destroy()
+            dist.destroy_process_group()
     finally:
-        layout.destroy()
-        dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+def _open_run_dir(cfg: JobConfig, *, take_lock: bool):
+    """On rank 0: take the output directory's lock (unless the caller holds it), then write
+    config.yaml. Every rank raises the error rank 0 met; returns the lock rank 0 holds, or None."""
+    import torch.distributed as dist
+
+    from mrl.config import dump_yaml
+    from mrl.run_lock import RunLock, RunLocked
+
+    lock, outcome = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            if take_lock:
+                lock = RunLock(cfg.log.output_dir)
+                warning = lock.acquire()
+                if warning:
+                    print(f"[mrl] warning: {warning}", file=sys.stderr, flush=True)
+            Path(cfg.log.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.log.output_dir) / "config.yaml").write_text(dump_yaml(cfg))
+        except (RunLocked, ValueError, OSError) as exc:
+            outcome = [(type(exc).__name__, str(exc))]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        if lock is not None:
+            lock.release()
+        kind, message = outcome[0]
+        raise RunLocked(message) if kind == "RunLocked" else ValueError(message)
+    return lock
 
 
 def free_port() -> int:
@@ -107,13 +144,14 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, cfg: JobConfig) -> None:
+    """A rank started by ``spawn_local``, which holds the output directory's lock."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from mrl.processes import die_with_parent
 
     die_with_parent(signal.SIGTERM)  # `kill -9` of mrl train: the ranks still stop (and save)
     _quiet_library_warnings()
-    raise SystemExit(run_rank(cfg))
+    raise SystemExit(run_rank(cfg, lock_held=True))
 
 
 def _quiet_library_warnings() -> None:
@@ -135,9 +173,17 @@ def spawn_local(cfg: JobConfig, world_size: int) -> int:
                 f"the recipe needs {world_size} ranks but this machine has {torch.cuda.device_count()} "
                 "visible GPUs; launch multi-node runs with launch/mrl.sbatch or torchrun"
             )
+    from mrl.run_lock import RunLock
     from mrl.supervisor import run_local_ranks
 
-    port = free_port()
-    os.environ["MRL_RUN_ID"] = f"local-{os.getpid()}-{int(time.time())}"
-    return run_local_ranks(_rank_main, lambda rank: (rank, world_size, port, cfg), world_size,
-                           stop_timeout_s=cfg.train.stop_timeout_s, log_dir=Path(cfg.log.output_dir) / "logs")
+    lock = RunLock(cfg.log.output_dir)
+    warning = lock.acquire()
+    if warning:
+        print(f"[mrl] warning: {warning}", file=sys.stderr, flush=True)
+    try:
+        port = free_port()
+        os.environ["MRL_RUN_ID"] = f"local-{os.getpid()}-{int(time.time())}"
+        return run_local_ranks(_rank_main, lambda rank: (rank, world_size, port, cfg), world_size,
+                               stop_timeout_s=cfg.train.stop_timeout_s, log_dir=Path(cfg.log.output_dir) / "logs")
+    finally:
+        lock.release()

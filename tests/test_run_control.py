@@ -1,4 +1,4 @@
-"""Whole runs of ``mrl train`` under real signals: stop with a checkpoint, a killed rank, the lock.
+"""Whole runs of ``mrl train`` under real signals: the lock, stop with a checkpoint, a killed rank.
 
 Each test starts ``mrl train`` as its own session (2 CPU ranks, DP=2), waits for real training
 steps, sends a real signal and then checks the message, the files, and that no process of that
@@ -103,10 +103,16 @@ def latest(output_dir: Path) -> str:
     return (output_dir / "checkpoints" / "latest").read_text().strip()
 
 
-def test_sigterm_saves_the_current_step_and_stops_every_process(tmp_path):
+def test_a_second_run_is_refused_and_sigterm_saves_the_current_step_and_stops_every_process(tmp_path):
     out = tmp_path / "out"
     run = Run(tmp_path, out, "train.steps=500")
     run.wait_for(lambda: len(run.steps()) >= 2)
+
+    second = Run(tmp_path, out, "train.steps=500", name="second")
+    assert second.wait() == 1, second.output
+    assert f"mrl train: error: {out} is in use by another mrl run (pid {run.proc.pid} on host " in second.output
+    assert second.output.count("\n") == 1  # one line, before any rank started
+
     run.proc.send_signal(signal.SIGTERM)
     status = run.wait()
     assert status == 128 + signal.SIGTERM, run.output
@@ -114,7 +120,8 @@ def test_sigterm_saves_the_current_step_and_stops_every_process(tmp_path):
     assert f"stopped by SIGTERM at step {step}/500: saved {out}/checkpoints/step_{step:08d}" in run.output
     assert "[mrl] SIGTERM: the ranks finish their step and save a checkpoint" in run.output
     assert latest(out) == f"step_{step:08d}" and "Traceback" not in run.output
-    assert run.session() == []
+    assert run.steps() == list(range(1, step + 1))  # one curve: the refused run wrote nothing
+    assert run.session() == [] and not (out / "run.lock").exists()
 
 
 def test_a_killed_rank_is_named_nothing_is_left_and_a_rerun_resumes(tmp_path):
