@@ -299,3 +299,16 @@ def test_validate_refuses_a_kv_budget_too_small_for_one_row_and_prints_the_estim
     assert "rollout KV cache: 128 rows per wave x 0.0312 MiB per row" in capsys.readouterr().out
     assert main(["validate", recipe, "rollout.decode_rows=16"]) == 0
     assert "16 rows per wave" in capsys.readouterr().out
+
+
+def test_progress_line_shows_the_latest_rollouts_phases(tmp_path, capsys):
+    from mrl.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True, total_steps=4, log_interval=2)
+    log.write({"step": 1, "loss": 0.5, "tokens_per_s": 10.0, "time_rollout_s": 1.5, "gen_tokens_per_s": 120.0,
+               "time_logprobs_s": 0.25, "time_train_s": 0.75})
+    log.write({"step": 2, "loss": 0.4, "tokens_per_s": 10.0, "time_train_s": 0.5})
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("step 2/4")
+    assert "rollout 1.5s (120 gen tok/s) logprobs 0.2s train 0.5s" in line
+    assert '"time_rollout_s": 1.5' in (tmp_path / "metrics.jsonl").read_text().splitlines()[0]

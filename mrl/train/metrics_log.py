@@ -27,6 +27,7 @@ class MetricsLog:
         self._start = time.monotonic()
         self._start_step: int | None = None
         self._tb = None
+        self._last_rollout: str | None = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency
 
@@ -54,6 +55,10 @@ class MetricsLog:
             for key, value in clean.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(key, value, step)
+        if isinstance(clean.get("time_rollout_s"), (int, float)):
+            self._last_rollout = (f"rollout {clean['time_rollout_s']:.1f}s "
+                                  f"({clean.get('gen_tokens_per_s', 0):.0f} gen tok/s) "
+                                  f"logprobs {clean.get('time_logprobs_s', 0):.1f}s")
         if self.progress and (step % self.log_interval == 0 or step == self.total_steps):
             print(self._progress_line(clean), file=sys.stdout, flush=True)
 
@@ -69,9 +74,8 @@ class MetricsLog:
         if record.get("skipped"):
             parts.append(f"SKIPPED ({record.get('skip_reason')})")
         parts.append(f"{record.get('tokens_per_s', 0):.0f} tok/s")
-        if isinstance(record.get("time_rollout_s"), (int, float)):
-            parts.append(f"rollout {record['time_rollout_s']:.1f}s ({record.get('gen_tokens_per_s', 0):.0f} gen tok/s)"
-                         f" logprobs {record.get('time_logprobs_s', 0):.1f}s train {record.get('time_train_s', 0):.1f}s")
+        if self._last_rollout is not None:  # the latest rollout's phases (paid by the step that ran it)
+            parts.append(f"{self._last_rollout} train {record.get('time_train_s', 0):.1f}s")
         parts.append(f"eta {_duration(eta)}")
         return " | ".join(parts)
 
