@@ -10,8 +10,13 @@ Layout of ``<dir>/``::
     step_00000020.partial/   a save in progress (ignored; removed by the next save)
 
 A save writes everything into ``step_N.partial``, then rank 0 writes ``trainer.json`` last,
-renames the directory to ``step_N`` and atomically replaces ``latest``. A crash at any point
-leaves ``latest`` naming the previous complete checkpoint.
+checks that every file is there and whole (``verify_checkpoint``), renames the directory to
+``step_N`` and atomically replaces ``latest``. A crash or a short write at any point leaves
+``latest`` naming the previous complete checkpoint.
+
+A resume checks the checkpoint the same way first: a missing or truncated file is a
+``CheckpointError`` naming it, and the error names the newest complete checkpoint before it,
+which ``resume_point(..., fallback=True)`` (``train.resume_fallback``) resumes from instead.
 
 Model and optimizer state go through Megatron-Core's distributed checkpointing with the
 distributed optimizer's ``fully_reshardable`` format, so a checkpoint loads at another
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -36,6 +43,8 @@ from mrl.parallel.layout import ParallelLayout
 
 LATEST = "latest"
 TRAINER_STATE = "trainer.json"
+DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index: every tensor's file, offset, length
+STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -142,14 +151,23 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: list, optimizer,
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), partial / "rng" / f"rank{dist.get_rank():05d}.pt")
     dist.barrier()
+    damage = [None]
     if dist.get_rank() == 0:
         state = dict(trainer_state, step=step, layout=_layout_key(layout), world_size=layout.world_size)
         _write_atomic(partial / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _write_atomic(root / LATEST, final.name + "\n")
-    dist.barrier()
+        try:
+            verify_checkpoint(partial)
+        except CheckpointError as exc:
+            damage = [str(exc)]
+        else:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _write_atomic(root / LATEST, final.name + "\n")
+    dist.broadcast_object_list(damage, src=0)
+    if damage[0] is not None:
+        raise CheckpointError(f"the save of step {step} came out damaged, {root / LATEST} still names the "
+                              f"previous checkpoint: {damage[0]}")
     return final
 
 
@@ -205,7 +223,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: Pa
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        loaded = dist_checkpointing.load(sharded, str(path))
+        loaded = dist_checkpointing.load(sharded, path)  # a Path: Megatron lists a str's files with .iterdir()
     except (Exception, CheckpointException) as exc:  # many types; torch's derives from BaseException
         raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     try:
@@ -239,13 +257,113 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, optimizer, layout: Pa
     return state
 
 
+def _damaged(path: Path, file: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is damaged: {file} {what}")
+
+
+def _check_zip(path: Path, file: Path) -> None:
+    """A torch.save file (a zip archive) is there and whole."""
+    if not file.is_file():
+        raise _damaged(path, file, "is missing")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise _damaged(path, file, f"is truncated or corrupt ({exc})") from exc
+    if bad is not None:
+        raise _damaged(path, file, f"is corrupt (entry {bad} fails its checksum)")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check that every file of checkpoint ``path`` is there and whole; return its trainer state.
+
+    Raises ``CheckpointError`` naming the first missing, truncated or unreadable file. Tensor files
+    are checked against the sizes their index records (not read); small files are read whole.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    config = path / "metadata.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError as exc:
+        raise _damaged(path, config, "is missing") from exc
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, config, f"is unreadable ({exc})") from exc
+    _check_zip(path, path / "common.pt")
+    index = path / DCP_INDEX
+    if not index.is_file():
+        raise _damaged(path, index, "is missing")
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as exc:  # noqa: BLE001 - an unpickling error of any type means a damaged index
+        raise _damaged(path, index, f"is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise _damaged(path, file, "is missing")
+        if file.stat().st_size < size:
+            raise _damaged(path, file, f"is truncated ({file.stat().st_size} bytes; the index needs {size})")
+    world = state.get("world_size")
+    for rank in range(world if isinstance(world, int) else 0):
+        _check_zip(path, path / "rng" / f"rank{rank:05d}.pt")
+    return state
+
+
+def _step_of(path: Path) -> int | None:
+    match = STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def resume_point(root: str | os.PathLike, *, fallback: bool = False) -> tuple[Path | None, str | None]:
+    """The checkpoint a run in ``root`` resumes from (None: none yet), and a warning to show.
+
+    The checkpoint ``latest`` names is verified first. When it is damaged, the error names the file
+    and the newest complete checkpoint before it; with ``fallback`` that one is returned instead.
+    """
+    root = Path(root)
+    try:
+        path = latest_checkpoint(root)
+        if path is not None:
+            verify_checkpoint(path)
+        return path, None
+    except CheckpointError as exc:
+        damage = str(exc)
+    named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else ""
+    newest = _step_of(Path(named)) if named else None
+    earlier = sorted((p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None
+                      and (newest is None or _step_of(p) < newest)), key=_step_of, reverse=True)
+    previous = None
+    for candidate in earlier:
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        previous = candidate
+        break
+    if previous is None:
+        raise CheckpointError(f"{damage}; there is no complete checkpoint before it in {root}")
+    if not fallback:
+        raise CheckpointError(
+            f"{damage}. The newest complete checkpoint before it is {previous}: rerun with "
+            "train.resume_fallback=true to resume from it (the steps after it are trained again)"
+        )
+    return previous, f"{damage}; resuming from the previous complete checkpoint {previous} (train.resume_fallback)"
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a run/checkpoints directory whose ``latest`` names one."""
     root = Path(path)
     for candidate in (root, root / "checkpoints"):
         found = latest_checkpoint(candidate) if (candidate / "latest").exists() else None
         if found is not None:
+            verify_checkpoint(found)
             return found
     if (root / "trainer.json").is_file():
+        verify_checkpoint(root)
         return root
     raise CheckpointError(f"no checkpoint at {root}: expected a step directory with trainer.json or a 'latest' file")

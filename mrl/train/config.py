@@ -40,6 +40,11 @@ class TrainConfig:
     after the signal exits without one. 0: stop at once, no checkpoint. Keep it below the time the
     scheduler allows before SIGKILL (launch/mrl.sbatch asks SLURM for its warning 300 s ahead)."""
 
+    resume_fallback: bool = False
+    """When the latest checkpoint is damaged (a missing or truncated file), resume from the newest
+    complete checkpoint before it (the steps after it are trained again) instead of stopping with
+    an error that names the file and that checkpoint."""
+
     init_checkpoint: Optional[str] = None
     """Start from these model weights: an mrl checkpoint directory (e.g. an SFT run's) or a Hugging
     Face model directory (config.json + safetensors; Llama, Mistral, Qwen2, Qwen3), whose config

@@ -31,10 +31,10 @@ from mrl.parallel.layout import ParallelLayout
 from mrl.rl.targets import outcome_value_targets
 from mrl.train.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
     resolve_checkpoint,
+    resume_point,
     save_checkpoint,
 )
 from mrl.train.flops import count_parameters, peak_flops_per_gpu, training_flops
@@ -252,7 +252,9 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.checkpoint_dir)
+        path, warning = resume_point(self.checkpoint_dir, fallback=self.cfg.train.resume_fallback)
+        if warning:
+            self.announce(f"warning: {warning}")
         if path is not None:
             saved = read_trainer_state(path).get("optimizer")
             if saved is not None and saved != self._optimizer_signature():
