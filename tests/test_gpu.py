@@ -1,7 +1,8 @@
-"""GPU-only checks: Transformer Engine BF16/FP8 layers and the CUDA vocab-parallel ops.
+"""GPU-only checks: local and Transformer Engine BF16/FP8 layers, the CUDA vocab-parallel ops.
 
-Skipped on machines without CUDA (see conftest.py). Run on a GPU node with
-``pytest -m gpu tests/test_gpu.py``; they start their own single-process NCCL group.
+Skipped on machines without CUDA (see conftest.py); the Transformer Engine tests also skip where
+it is not installed. Run on a GPU node with ``pytest -m gpu tests/test_gpu.py`` (``tools/gpu_check.py``
+does); they start their own single-process NCCL group.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import os
 import pytest
 import torch
 
+from mrl.compat import te_available
+
 pytestmark = pytest.mark.gpu
+needs_te = pytest.mark.skipif(not te_available(), reason="needs NVIDIA Transformer Engine (pip install 'mrl[gpu]')")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,7 @@ def _step_loss(precision, layout, transformer_impl="transformer_engine"):
     return float(loss), grads
 
 
+@needs_te
 def test_transformer_engine_bf16_matches_local_layers(layout):
     from mrl.model.config import PrecisionConfig
 
@@ -69,6 +74,15 @@ def test_transformer_engine_bf16_matches_local_layers(layout):
     assert te_grads and all(torch.isfinite(g).all() for g in te_grads)
 
 
+def test_local_layers_bf16_step_is_finite(layout):
+    from mrl.model.config import PrecisionConfig
+
+    loss, grads = _step_loss(PrecisionConfig(dtype="bf16"), layout, transformer_impl="local")
+    assert 0 < loss < 20
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@needs_te
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_fp8_step_is_finite_and_close_to_bf16(layout, recipe):
     from mrl.model.config import PrecisionConfig

@@ -109,7 +109,7 @@ class TrainStep:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = self.metrics_factory()
-        loss_total = torch.zeros((), dtype=torch.float64)
+        loss_total = torch.zeros((), dtype=torch.float64, device=micro_batches[0]["tokens"].device)
 
         def loss_func(batch, output):
             nonlocal loss_total
@@ -127,8 +127,10 @@ class TrainStep:
     def _global_loss(self, local: torch.Tensor) -> float:
         """Sum of the loss fragments over DP ranks, known on every rank (NaN stays NaN)."""
         owner = self.layout.is_last_stage and self.layout.tp_rank == 0
+        # On the batch's device: NCCL reduces CUDA tensors only.
         packed = torch.stack([local if owner else torch.zeros_like(local),
-                              torch.tensor(float(owner and not torch.isfinite(local)), dtype=torch.float64)])
+                              torch.tensor(float(owner and not torch.isfinite(local)), dtype=torch.float64,
+                                           device=local.device)])
         packed = torch.nan_to_num(packed, nan=0.0, posinf=0.0, neginf=0.0)
         dist.all_reduce(packed)
         return math.nan if packed[1] > 0 else float(packed[0])
