@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mrl-installed
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv run test soak clean-venv
+.PHONY: venv run test soak clean-venv gpu-wheels
 
 venv: $(STAMP)
 
@@ -27,3 +27,16 @@ soak: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Wheels for a GPU machine without package-index access: tools/gpu_check.py installs them from
+# $(GPU_WHEELS_DIR) (pip --target) when megatron-core does not import there. Megatron-Core needs
+# torch, numpy and packaging besides, and mrl pyyaml and psutil, which a CUDA torch image has;
+# name any other missing package here too.
+GPU_WHEELS_DIR := gpu-wheels
+GPU_WHEELS := megatron-core==0.16.1
+GPU_PYTHON := 3.12
+
+gpu-wheels:
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+	  --python-version $(GPU_PYTHON) --implementation cp --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d $(GPU_WHEELS_DIR) $(GPU_WHEELS)

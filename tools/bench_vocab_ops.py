@@ -22,7 +22,9 @@ the CPU allocator, summed in time order); on CUDA from ``torch.cuda.max_memory_a
 
 CPU (default): spawns ``--tp`` gloo processes with one thread each. CUDA (``--device cuda``): bf16,
 one process per GPU over NCCL (``--tp`` GPUs), and the achieved bandwidth against the floor of
-reading the shard once in forward, once in backward and writing the gradient once.
+reading the shard once in forward, once in backward and writing the gradient once. The floor's
+time is those bytes at the device-to-device copy bandwidth measured in the same run (a copy of
+one shard, bytes read plus written), so ``x floor`` is each op's time over the least possible.
 
     python tools/bench_vocab_ops.py                       # CPU: TP=2, T=2048, V=32768, fp32
     python tools/bench_vocab_ops.py --device cuda         # GPU: TP=1, T=16384, V=152064, bf16
@@ -212,14 +214,33 @@ def _run(rank: int, cfg: BenchConfig) -> None:
             wall[name].append(time.perf_counter() - start)
     shard_bytes = x.numel() * x.element_size()
     peaks = {name: _peak_extra_bytes(fn, x, cfg.device) / shard_bytes for name, fn in variants.items()}
+    copy_gbps = _copy_bandwidth_gbps(x, cfg.repeats) if cfg.device == "cuda" else None
     if rank == 0:
         median = statistics.median
-        _report(cfg, {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}, peaks, shard_bytes)
+        _report(cfg, {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}, peaks,
+                shard_bytes, copy_gbps)
     layout.destroy()
     dist.destroy_process_group()
 
 
-def _report(cfg: BenchConfig, times: dict, cpu_times: dict, peaks: dict, shard_bytes: int) -> None:
+def _copy_bandwidth_gbps(x: torch.Tensor, repeats: int) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), one shard per copy, median."""
+    src = x.detach()
+    dst = torch.empty_like(src)
+    samples = []
+    for index in range(repeats + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        if index >= 2:  # two warm-ups
+            samples.append(time.perf_counter() - start)
+    del dst
+    return 2 * src.numel() * src.element_size() / statistics.median(samples) / 1e9
+
+
+def _report(cfg: BenchConfig, times: dict, cpu_times: dict, peaks: dict, shard_bytes: int,
+            copy_gbps: float | None) -> None:
     print(
         f"device={cfg.device} tp={cfg.tp} tokens={cfg.tokens} vocab={cfg.vocab} "
         f"(shard {cfg.tokens}x{cfg.vocab // cfg.tp} {cfg.dtype} = {shard_bytes / 2**20:.0f} MiB) "
@@ -239,11 +260,14 @@ def _report(cfg: BenchConfig, times: dict, cpu_times: dict, peaks: dict, shard_b
         print(f"{a + ' / ' + b:<36} {times[a] / times[b]:>5.2f}x {cpu_times[a] / cpu_times[b]:>5.2f}x")
     if cfg.device == "cuda":
         floor = 3 * shard_bytes  # read the shard in forward and in backward, write the gradient
+        floor_s = floor / (copy_gbps * 1e9)
+        print(f"copy bandwidth {copy_gbps:.0f} GB/s (measured); floor traffic {floor / 2**30:.2f} GiB "
+              f"= {floor_s * 1e3:.2f} ms at that bandwidth")
         for name in ("mrl logprobs", "mrl fused", "megatron-core"):
             gbps = floor / times[name] / 1e9
-            line = f"{name:<20} {gbps:8.0f} GB/s effective (floor traffic {floor / 2**30:.2f} GiB)"
+            line = f"{name:<20} {gbps:8.0f} GB/s effective, {times[name] / floor_s:5.2f}x floor"
             if cfg.peak_gbps:
-                line += f", {gbps / cfg.peak_gbps:.0%} of {cfg.peak_gbps:.0f} GB/s"
+                line += f", {gbps / cfg.peak_gbps:.0%} of {cfg.peak_gbps:.0f} GB/s nominal"
             print(line)
 
 
