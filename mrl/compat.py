@@ -62,6 +62,12 @@ def te_available() -> bool:
     return _probe("transformer_engine.pytorch")[0] is not None
 
 
+def fused_softmax_available() -> bool:
+    """True when Megatron's fused masked-softmax CUDA extension (built with apex) imports; without it,
+    ``masked_softmax_fusion`` fails at the first forward instead of falling back."""
+    return _probe("scaled_masked_softmax_cuda")[0] is not None
+
+
 def import_transformer_engine(purpose: str) -> ModuleType:
     """Import ``transformer_engine.pytorch`` for ``purpose`` or raise a clear ``RuntimeError``."""
     module, why = _probe("transformer_engine.pytorch")

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mrl.compat import gpt_layer_spec, import_transformer_engine, te_available
+from mrl.compat import fused_softmax_available, gpt_layer_spec, import_transformer_engine, te_available
 from mrl.model.config import ModelConfig, PrecisionConfig
 from mrl.model.init import layout_invariant_init_
 from mrl.parallel.layout import ParallelLayout, check_model_divisibility
@@ -94,7 +94,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         bf16=precision.dtype == "bf16",
         fp16=precision.dtype == "fp16",
         # Fusions need CUDA kernels (and some need TE/apex); never let them leak into a CPU run.
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu and fused_softmax_available(),
         bias_activation_fusion=not on_cpu and model.add_bias_linear,
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=not on_cpu and te_available(),
