@@ -45,11 +45,24 @@ def cmd_validate(args) -> int:
           f"cp={cfg.parallel.cp} dp={dp}, {cfg.train.num_microbatches(dp)} micro-batches per rank)")
     print(f"on SIGTERM, SIGINT or SIGUSR1: finish the step and save a checkpoint within "
           f"train.stop_timeout_s={cfg.train.stop_timeout_s} s")
+    _print_rerun(cfg)
     if cfg.algorithm == "grpo":
         rows, per_row = cfg.rollout_wave_rows(dp)
         print(f"rollout KV cache: {rows} rows per wave x {per_row / 2**20:.3g} MiB per row = "
               f"{rows * per_row / 2**30:.3g} GiB per rank (budget rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g})")
     return 0
+
+
+def _print_rerun(cfg) -> None:
+    """What `mrl train` would find in the output directory (raises for a refused resume)."""
+    from mrl.resume_guard import inspect_rerun
+    from mrl.runner import complete_message
+
+    rerun = inspect_rerun(cfg)
+    if rerun.complete(cfg):
+        print(complete_message(cfg, rerun.step))
+    for line in rerun.notes():
+        print(line)
 
 
 def cmd_show_config(args) -> int:

@@ -90,7 +90,14 @@ def run_job(cfg: JobConfig, stop=None, *, lock_held: bool = False) -> None:
     _quiet_library_warnings()
     init_distributed(backend, timedelta(minutes=cfg.parallel.timeout_minutes))
     cfg.validate(dist.get_world_size())
-    lock = _open_run_dir(cfg, take_lock=not lock_held)
+    lock, complete = _open_run_dir(cfg, take_lock=not lock_held)
+    if complete:
+        if dist.get_rank() == 0:
+            print(f"[mrl] {complete}", flush=True)
+        if lock is not None:
+            lock.release()
+        dist.destroy_process_group()
+        return
     try:
         layout = ParallelLayout.initialize(cfg.parallel)
         try:
@@ -108,11 +115,12 @@ def run_job(cfg: JobConfig, stop=None, *, lock_held: bool = False) -> None:
 
 
 def _open_run_dir(cfg: JobConfig, *, take_lock: bool):
-    """On rank 0: take the output directory's lock (unless the caller holds it), then write
-    config.yaml. Every rank raises the error rank 0 met; returns the lock rank 0 holds, or None."""
+    """On rank 0: take the output directory's lock (unless the caller holds it), compare the recipe
+    with the run already there, then record the changes and write config.yaml. Every rank raises
+    the error rank 0 met. Returns (the lock rank 0 holds or None, a message when the run is complete)."""
     import torch.distributed as dist
 
-    from mrl.config import dump_yaml
+    from mrl.resume_guard import inspect_rerun, write_run_config
     from mrl.run_lock import RunLock, RunLocked
 
     lock, outcome = None, [None]
@@ -123,17 +131,27 @@ def _open_run_dir(cfg: JobConfig, *, take_lock: bool):
                 warning = lock.acquire()
                 if warning:
                     print(f"[mrl] warning: {warning}", file=sys.stderr, flush=True)
-            Path(cfg.log.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.log.output_dir) / "config.yaml").write_text(dump_yaml(cfg))
+            rerun = inspect_rerun(cfg)
+            if rerun.complete(cfg):
+                outcome = [("complete", complete_message(cfg, rerun.step))]
+            else:
+                for line in rerun.notes():
+                    print(f"[mrl] {line}", flush=True)
+                write_run_config(cfg, rerun)
         except (RunLocked, ValueError, OSError) as exc:
             outcome = [(type(exc).__name__, str(exc))]
     dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
+    kind, message = outcome[0] or (None, None)
+    if kind not in (None, "complete"):
         if lock is not None:
             lock.release()
-        kind, message = outcome[0]
         raise RunLocked(message) if kind == "RunLocked" else ValueError(message)
-    return lock
+    return lock, message
+
+
+def complete_message(cfg: JobConfig, step: int) -> str:
+    return (f"{cfg.log.output_dir} is already complete: its latest checkpoint is step {step} "
+            f"(train.steps={cfg.train.steps}); nothing to train. Raise train.steps to train further.")
 
 
 def free_port() -> int:
@@ -173,6 +191,7 @@ def spawn_local(cfg: JobConfig, world_size: int) -> int:
                 f"the recipe needs {world_size} ranks but this machine has {torch.cuda.device_count()} "
                 "visible GPUs; launch multi-node runs with launch/mrl.sbatch or torchrun"
             )
+    from mrl.resume_guard import inspect_rerun
     from mrl.run_lock import RunLock
     from mrl.supervisor import run_local_ranks
 
@@ -181,6 +200,10 @@ def spawn_local(cfg: JobConfig, world_size: int) -> int:
     if warning:
         print(f"[mrl] warning: {warning}", file=sys.stderr, flush=True)
     try:
+        rerun = inspect_rerun(cfg)  # refused resumes stop here, before any rank starts
+        if rerun.complete(cfg):
+            print(f"[mrl] {complete_message(cfg, rerun.step)}", flush=True)
+            return 0
         port = free_port()
         os.environ["MRL_RUN_ID"] = f"local-{os.getpid()}-{int(time.time())}"
         return run_local_ranks(_rank_main, lambda rank: (rank, world_size, port, cfg), world_size,

@@ -45,6 +45,12 @@ class TrainConfig:
     complete checkpoint before it (the steps after it are trained again) instead of stopping with
     an error that names the file and that checkpoint."""
 
+    allow_config_changes: bool = False
+    """Resume a run whose config.yaml differs from this recipe in more than bookkeeping (steps,
+    intervals, layout, logging), e.g. in the learning rate; the changes are printed and recorded
+    in <output_dir>/config_changes.jsonl. Changes the checkpoints cannot take (model.*, the
+    tokenizer, the optimizer's state format) are refused regardless."""
+
     init_checkpoint: Optional[str] = None
     """Start from these model weights: an mrl checkpoint directory (e.g. an SFT run's) or a Hugging
     Face model directory (config.json + safetensors; Llama, Mistral, Qwen2, Qwen3), whose config
