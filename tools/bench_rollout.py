@@ -23,6 +23,7 @@ on CUDA ``torch.cuda.max_memory_allocated`` beyond the model.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import socket
@@ -115,6 +116,25 @@ def _measure(rank: int, args, variant: str, seq: int, port: int, results) -> Non
     dist.destroy_process_group()
 
 
+def _wait(results, procs, timeout: float, what: str):
+    """The rank-0 result, or a ``RuntimeError`` as soon as a rank fails, dies or the time is up."""
+    import queue
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            outcome = results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"{what}: rank {dead[0][0]} died (exit code {dead[0][1]})") from None
+            continue
+        if outcome[0] == "error":
+            raise RuntimeError(f"{what}: rank {outcome[1]} failed:\n{outcome[2]}")
+        return outcome
+    raise RuntimeError(f"{what}: no result within {timeout:.0f} s")
+
+
 def run_variant(args, variant: str, seq: int) -> tuple[float, int, int]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -123,9 +143,7 @@ def run_variant(args, variant: str, seq: int) -> tuple[float, int, int]:
     for proc in procs:
         proc.start()
     try:
-        outcome = results.get(timeout=args.timeout)
-        if outcome[0] == "error":
-            raise RuntimeError(f"{variant} at S={seq}, rank {outcome[1]} failed:\n{outcome[2]}")
+        outcome = _wait(results, procs, args.timeout, f"{variant} at S={seq}")
     finally:
         for proc in procs:
             proc.join(timeout=30)
@@ -139,7 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tp", type=int, nargs="*", help="TP degrees (default: 1 2 on CPU, 1 on CUDA)")
     parser.add_argument("--seq", type=int, nargs="*", default=[64, 256, 1024], help="sequence lengths S")
-    parser.add_argument("--rows", type=int, default=8, help="rows decoded together")
+    parser.add_argument("--rows", type=int, default=16, help="rows decoded together")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (the fastest counts)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per variant")
@@ -156,6 +174,7 @@ def main(argv=None) -> int:
     print(f"model {model}, {args.rows} rows x {args.new_tokens} new tokens, device {args.device}")
     print(f"{'tp':>3} {'S':>5} | {'kv-cache tok/s':>14} {'peak MiB':>9} | {'full-forward tok/s':>18} "
           f"{'peak MiB':>9} | {'speed-up':>8}")
+    summary = []
     for tp in degrees:
         args_tp = argparse.Namespace(**{**vars(args), "tp": tp})
         for seq in args.seq:
@@ -164,6 +183,11 @@ def main(argv=None) -> int:
             kv_rate, ff_rate = kv_n / kv_s, ff_n / ff_s
             print(f"{tp:>3} {seq:>5} | {kv_rate:>14.0f} {kv_peak / 2**20:>9.1f} | {ff_rate:>18.0f} "
                   f"{ff_peak / 2**20:>9.1f} | {kv_rate / ff_rate:>7.1f}x", flush=True)
+            summary.append({"tp": tp, "seq": seq, "kv_tokens_per_s": kv_rate, "full_tokens_per_s": ff_rate,
+                            "speedup": kv_rate / ff_rate, "kv_peak_mib": kv_peak / 2**20,
+                            "full_peak_mib": ff_peak / 2**20})
+    print("SUMMARY " + json.dumps({"device": args.device, "rows": args.rows, "new_tokens": args.new_tokens,
+                                   "results": summary}))
     return 0
 
 
