@@ -33,13 +33,19 @@ def cmd_train(args) -> int:
     cfg.validate(_world_size(cfg))
     if under_launcher():
         return run_rank(cfg)
+    from mrl.preflight import preflight
+
+    preflight(cfg)  # data files and optional packages, before any rank starts
     return spawn_local(cfg, cfg.default_world_size())
 
 
 def cmd_validate(args) -> int:
+    from mrl.preflight import preflight
+
     cfg = _load(args)
     world = _world_size(cfg)
     cfg.validate(world)
+    preflight(cfg)
     dp = cfg.parallel.data_parallel_size(world)
     print(f"{args.config}: OK ({cfg.algorithm}, {world} ranks: tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
           f"cp={cfg.parallel.cp} dp={dp}, {cfg.train.num_microbatches(dp)} micro-batches per rank)")

@@ -150,9 +150,13 @@ class _Watch:
             match = printed.split(":", 1)[0].rsplit(" ", 1)[-1]
             rank = int(match) if match.isdigit() else rank
             proc = self.procs[rank]
+        where = ""
+        if printed and proc.exitcode > 0:
+            where = " (its error is above)"
+        elif any(self.log_dir.glob("rank*.log")):
+            where = f" (tracebacks: {self.log_dir}/rank*.log)"
         _error(f"rank {rank} (pid {proc.pid}) {describe_exit(proc.exitcode)}; "
-               + ("stopped the other rank" if others == 1 else f"stopped the other {others} ranks")
-               + (f" (tracebacks: {self.log_dir}/rank*.log)" if any(self.log_dir.glob("rank*.log")) else ""))
+               + ("stopped the other rank" if others == 1 else f"stopped the other {others} ranks") + where)
         return proc.exitcode if proc.exitcode > 0 else 128 - proc.exitcode
 
 

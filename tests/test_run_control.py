@@ -144,3 +144,18 @@ def test_a_killed_rank_is_named_nothing_is_left_and_a_rerun_resumes(tmp_path):
     assert rerun.wait() == 0, rerun.output
     assert f"resumed from {out}/checkpoints/step_{saved:08d} at step {saved}" in rerun.output
     assert rerun.steps()[-1] == saved + 1
+
+
+def test_an_error_on_the_ranks_is_printed_once_with_the_tracebacks_in_the_log_directory(tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such-checkpoint"
+    run = Run(tmp_path, out, "train.steps=2", f"train.init_checkpoint={missing}")  # found only once the model is built
+    status = run.wait()
+    assert status == 1, run.output
+    assert run.output.count("[mrl] error on rank") == 1 and "Traceback" not in run.output
+    assert f"CheckpointError: no checkpoint at {missing}" in run.output
+    assert f"[mrl] full tracebacks: {out}/logs/rank*.log" in run.output
+    assert "exited with status 1; stopped the other rank (its error is above)" in run.output
+    for rank in (0, 1):
+        assert "Traceback" in (out / "logs" / f"rank{rank}.log").read_text()
+    assert run.session() == []

@@ -1,7 +1,8 @@
 """Reading JSONL records: file resolution, field checks, and the malformed-record policy.
 
-A malformed record raises ``DataError`` ("path:line: what is wrong"), or with ``skip_malformed``
-is skipped and recorded as a ``Skipped`` entry. Lines holding only whitespace are not records and
+A malformed record raises ``DataError`` ("path:line: what is wrong", then one line for each further
+malformed record of the file: the whole file is read first, so one run reports every problem), or
+with ``skip_malformed`` is skipped and recorded as a ``Skipped`` entry. Lines holding only whitespace are not records and
 are passed over; every other line is either used or reported.
 """
 
@@ -19,6 +20,7 @@ from mrl.data.config import BUILTIN_PREFIX
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MAX_LISTED = 20  # malformed records listed in one DataError; the rest are counted
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -65,8 +67,8 @@ def read_jsonl(
     """Convert every record of a JSONL file; returns ([(line, item)], skipped).
 
     ``convert`` gets the parsed JSON object and raises ``RecordError`` for a malformed record.
-    Raises ``DataError`` for a missing/unreadable file, a malformed record (unless skipped), or a
-    file without any valid record.
+    Raises ``DataError`` for a missing/unreadable file, malformed records (unless skipped; the
+    error lists them all, up to ``MAX_LISTED``), or a file without any valid record.
     """
     file = resolve_path(path)
     if not file.is_file():
@@ -79,16 +81,20 @@ def read_jsonl(
                 raise obj_or_error
             items.append((line_no, convert(obj_or_error)))
         except RecordError as err:
-            if not skip_malformed:
-                raise DataError(str(file), line_no, str(err)) from None
             skipped.append(Skipped(str(file), line_no, str(err)))
+    if skipped and not skip_malformed:
+        first, rest = skipped[0], skipped[1:]
+        more = [str(s) for s in rest[: MAX_LISTED - 1]]
+        if len(rest) > len(more):
+            more.append(f"... and {len(rest) - len(more)} more malformed records")
+        raise DataError(str(file), first.line, "\n".join([first.reason, *more]))
     if skipped:
         logger.warning(
             "%s: skipped %d malformed record(s) (data.skip_malformed=true); first: %s",
             file, len(skipped), skipped[0],
         )
     if not items:
-        reason = "no valid records" + (f" ({len(skipped)} skipped as malformed)" if skipped else "")
+        reason = f"no valid records ({len(skipped)} skipped as malformed)" if skipped else "the file holds no records"
         raise DataError(str(file), None, reason)
     return items, skipped
 
