@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 from mrl.ops._kernels import empty_grad, exp_, exp_into, row_chunks, shift_into
 from mrl.ops._shard import VocabShard, check_temperature, chunk_rows
 from mrl.ops.comm import all_reduce_
+from mrl.ops.fused_head import FusedHead, fused_head_kl
 
 
 def _local_kl_stats(xp, xq, shard: VocabShard, scale: float, chunk: int) -> torch.Tensor:
@@ -46,24 +47,52 @@ def _local_kl_stats(xp, xq, shard: VocabShard, scale: float, chunk: int) -> torc
     return out
 
 
+def reduce_kl_stats(local: torch.Tensor, shard: VocabShard, group):
+    """``(M [2, tokens], sums [3, tokens] = S_p, S_q, W, E_p[d] [tokens])`` from every rank's
+    ``_local_kl_stats``: one all-reduce MAX, one all-reduce SUM."""
+    m_p, m_q, s_p, s_q, w = local
+    big = all_reduce_(torch.stack([m_p, m_q]), dist.ReduceOp.MAX, group)  # [2, tokens]
+    if shard.valid > 0:
+        delta_p, delta_q = m_p - big[0], m_q - big[1]
+        f_p, f_q = delta_p.exp(), delta_q.exp()
+        parts = [s_p * f_p, s_q * f_q, (w + s_p * (delta_p - delta_q)) * f_p]
+    else:
+        parts = [torch.zeros_like(s_p)] * 3
+    sums = all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, group)  # [3, tokens]
+    return big, sums, sums[2] / sums[0]
+
+
+def kl_from_sums(sums: torch.Tensor, mean_d: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) = E_p[d] - log S_p + log S_q."""
+    return mean_d - sums[0].log() + sums[1].log()
+
+
+def kl_grad_chunk(xp, xq, shard: VocabShard, scale: float, big, inv_sp, inv_sq, mean_d, g, grad_p, grad_q,
+                  bufs: torch.Tensor) -> None:
+    """Write ``g·∂KL/∂x_p`` into ``grad_p`` and ``g·∂KL/∂x_q`` into ``grad_q`` (either may be None) for
+    one chunk of rows ``[c, V/tp]``; ``big`` ``[2, c]`` holds M_p, M_q, ``g`` ``[c, 1]`` carries
+    ``scale``, ``bufs`` is fp32 work space of at least ``[4, c, valid]``."""
+    rows, cols = xp.shape[0], shard.valid
+    tp = shift_into(bufs[0, :rows], xp[:, :cols], big[0], scale)  # z_p - M_p
+    tq = shift_into(bufs[1, :rows], xq[:, :cols], big[1], scale)  # z_q - M_q
+    p = exp_into(bufs[2, :rows], tp).mul_(inv_sp)
+    if grad_q is not None:
+        q = exp_into(bufs[3, :rows], tq).mul_(inv_sq)
+        grad_q[:, :cols] = q.sub_(p).mul_(g)
+    if grad_p is not None:
+        d = tp.sub_(tq).sub_(mean_d.unsqueeze(-1))
+        grad_p[:, :cols] = p.mul_(d).mul_(g)
+
+
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_p, logits_q, group, shard: VocabShard, scale: float, chunk: int):
         xp = logits_p.reshape(-1, shard.local_size)  # [tokens, V/tp]
         xq = logits_q.reshape(-1, shard.local_size)
-        m_p, m_q, s_p, s_q, w = _local_kl_stats(xp, xq, shard, scale, chunk)
-        big = all_reduce_(torch.stack([m_p, m_q]), dist.ReduceOp.MAX, group)  # [2, tokens]
-        if shard.valid > 0:
-            delta_p, delta_q = m_p - big[0], m_q - big[1]
-            f_p, f_q = delta_p.exp(), delta_q.exp()
-            parts = [s_p * f_p, s_q * f_q, (w + s_p * (delta_p - delta_q)) * f_p]
-        else:
-            parts = [torch.zeros_like(s_p)] * 3
-        sums = all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, group)  # [3, tokens]
-        mean_d = sums[2] / sums[0]  # E_p[d]
+        big, sums, mean_d = reduce_kl_stats(_local_kl_stats(xp, xq, shard, scale, chunk), shard, group)
         ctx.shard, ctx.scale, ctx.chunk = shard, scale, chunk
         ctx.save_for_backward(logits_p, logits_q, big, sums, mean_d)
-        return mean_d - sums[0].log() + sums[1].log()
+        return kl_from_sums(sums, mean_d)
 
     @staticmethod
     @once_differentiable
@@ -79,19 +108,12 @@ class _VocabParallelKL(torch.autograd.Function):
         grad_q = empty_grad(xq, shard) if need_q else None
         rows, cols = xp.shape[0], shard.valid
         if rows and cols:
-            f32 = dict(dtype=torch.float32, device=xp.device)
-            bufs = torch.empty(4, min(ctx.chunk, rows), cols, **f32)
+            bufs = torch.empty(4, min(ctx.chunk, rows), cols, dtype=torch.float32, device=xp.device)
             for r0, r1 in row_chunks(rows, ctx.chunk):
-                n = r1 - r0
-                tp = shift_into(bufs[0, :n], xp[r0:r1, :cols], big[0, r0:r1], scale)  # z_p - M_p
-                tq = shift_into(bufs[1, :n], xq[r0:r1, :cols], big[1, r0:r1], scale)  # z_q - M_q
-                p = exp_into(bufs[2, :n], tp).mul_(inv_sp[r0:r1])
-                if need_q:
-                    q = exp_into(bufs[3, :n], tq).mul_(inv_sq[r0:r1])
-                    grad_q[r0:r1, :cols] = q.sub_(p).mul_(g[r0:r1])
-                if need_p:
-                    d = tp.sub_(tq).sub_(mean_d[r0:r1].unsqueeze(-1))
-                    grad_p[r0:r1, :cols] = p.mul_(d).mul_(g[r0:r1])
+                kl_grad_chunk(xp[r0:r1], xq[r0:r1], shard, scale, big[:, r0:r1], inv_sp[r0:r1], inv_sq[r0:r1],
+                              mean_d[r0:r1], g[r0:r1],
+                              None if grad_p is None else grad_p[r0:r1], None if grad_q is None else grad_q[r0:r1],
+                              bufs)
         return (
             None if grad_p is None else grad_p.view(logits_p.shape),
             None if grad_q is None else grad_q.view(logits_q.shape),
@@ -112,8 +134,15 @@ def vocab_parallel_kl(
 
     Both are this rank's vocabulary shards ``[..., V/tp]`` of the same shape; the result is
     differentiable in both (pass ``logits_q.detach()`` for a fixed reference). Rounding can leave
-    it a few ulps below 0 when p = q.
+    it a few ulps below 0 when p = q. Both may instead be ``FusedHead`` s (hidden states and output
+    weights): the exact KL without materialising either's logits.
     """
+    if isinstance(logits_p, FusedHead) or isinstance(logits_q, FusedHead):
+        if not (isinstance(logits_p, FusedHead) and isinstance(logits_q, FusedHead)):
+            raise ValueError("vocab_parallel_kl takes two logits tensors or two fused heads, not one of each")
+        kl = fused_head_kl(logits_p, logits_q, group, scale=check_temperature(temperature),
+                           vocab_size=vocab_size, chunk_size=chunk_size)
+        return kl.view(logits_p.shape[:-1])
     if logits_p.shape != logits_q.shape:
         raise ValueError(
             f"logits_p and logits_q must have the same shape, got {tuple(logits_p.shape)} and "

@@ -18,6 +18,8 @@ One autograd Function computes any subset of {log p_y, H, lse, mean_v(-log p_v)}
   upstream gradients of log p_y, H, lse and the smoothing term.
 
 The input is never modified and never gathered; results are fp32 whatever the input dtype.
+``logits`` may also be a ``FusedHead`` (hidden states and the output weight): the same results
+without materialising the logits (``mrl.ops.fused_head``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from mrl.ops._kernels import LocalStats, local_stats, softmax_grad
 from mrl.ops._shard import VocabShard, check_labels, check_temperature, chunk_rows
+from mrl.ops.fused_head import FusedHead, fused_head_stats
 from mrl.ops.comm import all_reduce_
 
 # Which per-token outputs the Function computes: (log p_y, entropy, lse, mean_v -log p_v).
@@ -71,13 +74,55 @@ def reduce_stats(stats: LocalStats, shard: VocabShard, group, label_z: torch.Ten
     return big_m, all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, group)
 
 
+def finish_stats(big_m: torch.Tensor, packed: torch.Tensor, kept: torch.Tensor | None, want: _Want,
+                 vocab_size: int) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """The asked-for outputs (log p_y, H, lse, mean_v -log p_v) from ``reduce_stats``, and ``E_p[z] - M``."""
+    want_logp, want_entropy, want_lse, want_smooth = want
+    log_s = packed[0].log()
+    mean_z = packed[1] / packed[0] if want_entropy else None  # E_p[z] - M
+    outputs: list[torch.Tensor | None] = [None, None, None, None]
+    if want_logp:
+        outputs[0] = torch.where(kept, packed[-1] - big_m - log_s, 0.0)
+    if want_entropy:
+        outputs[1] = log_s - mean_z
+    if want_lse:
+        outputs[2] = big_m + log_s
+    if want_smooth:
+        mean_logit = packed[1 + want_entropy] / vocab_size  # mean_v z_v - M
+        outputs[3] = torch.where(kept, log_s - mean_logit, 0.0)
+    return outputs, mean_z
+
+
+def grad_coefficients(grads, kept, owned, mean_z, scale: float, vocab_size: int, like: torch.Tensor):
+    """``(α, β, label_coef, const)`` of ``∂/∂z_j = p_j(α + β(z_j - M)) + a·1[j=y] - d/V`` (times
+    ``scale``) from the upstream gradients ``(a, b, c, d)`` of (log p_y, H, lse, smoothing term)."""
+    g_logp, g_entropy, g_lse, g_smooth = grads
+    alpha = torch.zeros_like(like)
+    beta = label_coef = const = None
+    if g_logp is not None:
+        a = torch.where(kept, g_logp.reshape(-1).float(), 0.0) * scale
+        alpha -= a
+        label_coef = torch.where(owned, a, 0.0)
+    if g_entropy is not None:
+        b = g_entropy.reshape(-1).float() * scale
+        alpha += b * mean_z
+        beta = -b
+    if g_lse is not None:
+        alpha += g_lse.reshape(-1).float() * scale
+    if g_smooth is not None:
+        d = torch.where(kept, g_smooth.reshape(-1).float(), 0.0) * scale
+        alpha += d
+        const = d / vocab_size
+    return alpha, beta, label_coef, const
+
+
 class _VocabParallelStats(torch.autograd.Function):
     """The one-pass forward and communication-free backward described in the module docstring."""
 
     @staticmethod
     def forward(ctx, logits, labels, group, shard: VocabShard, scale: float, chunk: int,
                 ignore_index: int, want: _Want):
-        want_logp, want_entropy, want_lse, want_smooth = want
+        _, want_entropy, _, want_smooth = want
         x = logits.reshape(-1, shard.local_size)  # [tokens, V/tp]
         stats = local_stats(x, shard, scale, chunk, with_u=want_entropy, with_sum_z=want_smooth)
 
@@ -89,19 +134,8 @@ class _VocabParallelStats(torch.autograd.Function):
             label_z = torch.where(owned, label_z, 0.0)
         big_m, packed = reduce_stats(stats, shard, group, label_z)
 
-        log_s = packed[0].log()
-        mean_z = packed[1] / packed[0] if want_entropy else None  # E_p[z] - M
         kept = None if labels is None else labels != ignore_index
-        outputs: list[torch.Tensor | None] = [None, None, None, None]
-        if want_logp:
-            outputs[0] = torch.where(kept, packed[-1] - big_m - log_s, 0.0)
-        if want_entropy:
-            outputs[1] = log_s - mean_z
-        if want_lse:
-            outputs[2] = big_m + log_s
-        if want_smooth:
-            mean_logit = packed[1 + want_entropy] / shard.vocab_size  # mean_v z_v - M
-            outputs[3] = torch.where(kept, log_s - mean_logit, 0.0)
+        outputs, mean_z = finish_stats(big_m, packed, kept, want, shard.vocab_size)
 
         ctx.set_materialize_grads(False)
         ctx.shard, ctx.scale, ctx.chunk = shard, scale, chunk
@@ -117,23 +151,8 @@ class _VocabParallelStats(torch.autograd.Function):
         if not ctx.needs_input_grad[0] or all(g is None for g in (g_logp, g_entropy, g_lse, g_smooth)):
             return (None,) * 8
         shard, scale = ctx.shard, ctx.scale
-        # ∂/∂z_j = p_j(α + β(z_j - M)) + a·1[j=y] - d/V, times ∂z/∂x = scale.
-        alpha = torch.zeros_like(big_m)
-        beta = label_coef = const = None
-        if g_logp is not None:
-            a = torch.where(kept, g_logp.reshape(-1).float(), 0.0) * scale
-            alpha -= a
-            label_coef = torch.where(owned, a, 0.0)
-        if g_entropy is not None:
-            b = g_entropy.reshape(-1).float() * scale
-            alpha += b * mean_z
-            beta = -b
-        if g_lse is not None:
-            alpha += g_lse.reshape(-1).float() * scale
-        if g_smooth is not None:
-            d = torch.where(kept, g_smooth.reshape(-1).float(), 0.0) * scale
-            alpha += d
-            const = d / shard.vocab_size
+        alpha, beta, label_coef, const = grad_coefficients(
+            (g_logp, g_entropy, g_lse, g_smooth), kept, owned, mean_z, scale, shard.vocab_size, big_m)
         x = logits.reshape(-1, shard.local_size)
         grad = softmax_grad(
             x, shard, scale, ctx.chunk, shift=big_m, norm=big_s, alpha=alpha, beta=beta,
@@ -143,8 +162,13 @@ class _VocabParallelStats(torch.autograd.Function):
 
 
 def _apply(logits, labels, group, want: _Want, *, ignore_index, temperature, vocab_size, chunk_size):
-    shard = VocabShard.of(logits, group, vocab_size)
     scale = check_temperature(temperature)
+    if isinstance(logits, FusedHead):  # logits = hidden · weightᵀ, never materialised
+        outputs = fused_head_stats(logits, labels, group, want, ignore_index=ignore_index, scale=scale,
+                                   vocab_size=vocab_size, chunk_size=chunk_size)
+        shape = logits.shape[:-1]
+        return tuple(None if out is None else out.view(shape) for out in outputs)
+    shard = VocabShard.of(logits, group, vocab_size)
     if labels is not None:
         check_labels(labels, logits, shard, ignore_index)
     chunk = chunk_rows(chunk_size, logits, shard.valid)

@@ -1,0 +1,146 @@
+"""The fused LM head against the unfused ops and a float64 single-process reference, at TP 1, 2, 4.
+
+Every rank holds the replicated hidden states ``h [B, S, H]`` and its rows of the output weight
+``W [V/tp, H]``; the reference computes the same functions on ``h · W_fullᵀ`` in float64. ``∂h`` is
+per-rank partial (the model all-reduces it over TP), so the cases all-reduce it before comparing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+B, S, H = 2, 7, 24
+IGNORE = -100
+
+
+def _inputs(tp_rank: int, tp: int, *, vocab: int, padded: int, scale: float, seed: int, ignore_all_row: bool):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, S, H, generator=gen, dtype=torch.float64)
+    w_full = torch.randn(padded, H, generator=gen, dtype=torch.float64) * scale / H**0.5
+    w_ref = torch.randn(padded, H, generator=gen, dtype=torch.float64) * scale / H**0.5
+    labels = torch.randint(0, vocab, (B, S), generator=gen)
+    shard = padded // tp
+    labels[0, 0], labels[0, 1], labels[1, 2] = min(shard, vocab) - 1, shard % vocab, vocab - 1  # shard edges
+    labels[1, 3] = IGNORE
+    if ignore_all_row:
+        labels[1] = IGNORE
+    upstream = torch.randn(6, B, S, generator=gen, dtype=torch.float64)
+    rows = slice(tp_rank * shard, (tp_rank + 1) * shard)
+    return h, w_full, w_ref, labels, upstream, rows
+
+
+def _functions(ops, head, head_ref, labels, group, vocab, temperature):
+    """The outputs every path computes: log p, H, lse, smoothed CE, z-loss lse, KL to the reference head."""
+    stats = ops.vocab_parallel_softmax_stats(head, labels, group, entropy=True, logsumexp=True,
+                                             temperature=temperature, vocab_size=vocab, chunk_size=3)
+    ce = ops.vocab_parallel_cross_entropy(head, labels, group, label_smoothing=0.1, vocab_size=vocab, chunk_size=4)
+    lse1 = ops.vocab_parallel_logsumexp(head, group, vocab_size=vocab, chunk_size=5)
+    kl = ops.vocab_parallel_kl(head, head_ref, group, temperature=temperature, vocab_size=vocab, chunk_size=3)
+    return [stats.logprobs, stats.entropy, stats.logsumexp, ce, lse1, kl]
+
+
+def _reference(h, w_full, w_ref, labels, upstream, vocab, temperature):
+    h = h.clone().requires_grad_(True)
+    w = w_full.clone().requires_grad_(True)
+    z = (h @ w.t())[..., :vocab]  # [B, S, V] float64
+    zt = z / temperature
+    logp_all = zt.log_softmax(-1)
+    kept = labels != IGNORE
+    safe = labels.clamp(min=0)
+    logp = torch.where(kept, logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    lse = zt.logsumexp(-1)
+    raw = z.log_softmax(-1)
+    nll = -raw.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    ce = torch.where(kept, 0.9 * nll + 0.1 * (-raw.mean(-1)), 0.0)
+    lse1 = z.logsumexp(-1)
+    q = ((h.detach() @ w_ref.t())[..., :vocab] / temperature).log_softmax(-1)
+    kl = (logp_all.exp() * (logp_all - q)).sum(-1)
+    outs = [logp, entropy, lse, ce, lse1, kl]
+    total = sum((u * o).sum() for u, o in zip(upstream, outs))
+    total.backward()
+    return [o.detach() for o in outs], h.grad, w.grad
+
+
+def case_fused_head(tp: int, vocab: int, padded: int, scale: float, temperature: float, dtype_name: str,
+                    ignore_all_row: bool):
+    import torch.distributed as dist
+
+    from mrl import ops
+    from mrl.ops.fused_head import FusedHead
+    from mrl.parallel.layout import ParallelConfig, ParallelLayout
+
+    layout = ParallelLayout.initialize(ParallelConfig(tp=tp), timeout_minutes=2)
+    group = layout.tp_group
+    dtype = getattr(torch, dtype_name)
+    h64, w_full, w_ref, labels, upstream, rows = _inputs(layout.tp_rank, tp, vocab=vocab, padded=padded,
+                                                         scale=scale, seed=17, ignore_all_row=ignore_all_row)
+    results = {}
+    for path in ("fused", "unfused"):
+        h = h64.to(dtype).requires_grad_(True)
+        w = w_full[rows].to(dtype).requires_grad_(True)
+        w_q = w_ref[rows].to(dtype)
+        if path == "fused":
+            head, head_ref = FusedHead(h, w, fp32=True), FusedHead(h.detach(), w_q, fp32=True)
+        else:
+            head, head_ref = h.float() @ w.float().t(), (h.detach().float() @ w_q.float().t())
+        outs = _functions(ops, head, head_ref, labels, group, vocab, temperature)
+        total = sum((u.float() * o).sum() for u, o in zip(upstream, outs))
+        total.backward()
+        grad_h = h.grad.double()
+        if tp > 1:
+            dist.all_reduce(grad_h, group=group)  # what the model's TP region does
+        results[path] = ([o.detach().double() for o in outs], grad_h, w.grad.double())
+    ref_outs, ref_h, ref_w = _reference(h64, w_full, w_ref, labels, upstream, vocab, temperature)
+    layout.destroy()
+
+    def worst(a, b):
+        return max(float(((x - y).abs() / (1.0 + y.abs())).max()) for x, y in zip(a, b))
+
+    errors = {}
+    for path, (outs, gh, gw) in results.items():
+        errors[path] = (worst(outs, ref_outs), worst([gh], [ref_h]), worst([gw], [ref_w[rows]]))
+    fused, unfused = results["fused"], results["unfused"]
+    errors["fused-vs-unfused"] = (worst(fused[0], unfused[0]), worst([fused[1]], [unfused[1]]),
+                                  worst([fused[2]], [unfused[2]]))
+    return errors
+
+
+CASES = {
+    # name: (vocab, padded vocabulary, logit scale, temperature, dtype, a row with every label ignored)
+    "plain": (64, 64, 3.0, 1.0, "float32", False),
+    "padded-vocab-temperature": (61, 64, 3.0, 0.7, "float32", True),
+    "logits-1e4": (64, 64, 1e4, 1.0, "float32", False),
+}
+
+
+def _check(errors, tolerance):
+    for path, (values, grad_h, grad_w) in errors.items():
+        assert values <= tolerance and grad_h <= tolerance and grad_w <= tolerance, (path, errors)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_head_matches_float64_and_the_unfused_ops(ranks2, tp, name):
+    vocab, padded, scale, temperature, dtype, ignore_row = CASES[name]
+    errors = ranks2.run(case_fused_head, tp, vocab, padded, scale, temperature, dtype, ignore_row)[0]
+    if scale < 100:
+        _check(errors, 1e-5)
+    else:  # fp32 logits of size 1e4 carry ~1e-3 rounding; the fused head must be no worse than the unfused
+        for fused, unfused in zip(errors["fused"], errors["unfused"]):
+            assert fused <= 2 * unfused + 1e-6, errors
+        assert errors["fused-vs-unfused"][0] <= 1e-5, errors
+
+
+def test_fused_head_at_tp4(ranks4):
+    results = ranks4.run(case_fused_head, 4, 61, 64, 3.0, 0.7, "float32", True)
+    for errors in results:
+        _check(errors, 1e-5)
+
+
+def test_fused_head_bf16(ranks2):
+    results = ranks2.run(case_fused_head, 2, 64, 64, 3.0, 1.0, "bfloat16", False)
+    errors = results[0]
+    assert errors["fused-vs-unfused"][0] <= 1e-2
+    assert max(errors["fused"]) <= 5e-2  # bf16 inputs against float64 math on the unrounded inputs
