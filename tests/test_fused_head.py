@@ -7,6 +7,8 @@ per-rank partial (the model all-reduces it over TP), so the cases all-reduce it 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -144,3 +146,48 @@ def test_fused_head_bf16(ranks2):
     errors = results[0]
     assert errors["fused-vs-unfused"][0] <= 1e-2
     assert max(errors["fused"]) <= 5e-2  # bf16 inputs against float64 math on the unrounded inputs
+
+
+# ---- Wired through the model: training curves with model.fused_head equal the unfused ones ----------
+
+FUSED_RUNS = {
+    # name: (recipe, overrides shared by both runs)
+    "sft-smoothing-zloss": ("configs/sft-tiny-cpu.yaml", ["loss.label_smoothing=0.1", "loss.z_loss_coef=1e-3"]),
+    "sft-focal": ("configs/sft-tiny-cpu.yaml", ["loss.focal_gamma=1.0"]),
+    "sft-tied-sp": ("configs/sft-tiny-cpu.yaml", [
+        "model.tie_embeddings=true", "parallel.sequence_parallel=true", "model.vocab_size=300"]),
+    "dpo": ("configs/dpo-tiny-cpu.yaml", []),
+    "offline-grpo-entropy-full-kl": ("configs/offline-grpo-tiny-cpu.yaml", [
+        "loss.entropy_coef=0.01", "loss.kl_estimator=full", "reference.keep_logits=true"]),
+    "offline-ppo-value-head": ("configs/offline-grpo-tiny-cpu.yaml", [
+        "loss.kind=ppo", "loss.value_coef=0.5", "model.value_head=true"]),
+}
+SHORT_RUN = ["train.steps=3", "train.global_batch_size=16", "train.micro_batch_size=4", "scheduler.warmup_steps=1",
+             "log.progress=false", "parallel.tp=2", "parallel.pp=2"]
+
+
+@pytest.mark.parametrize("name", list(FUSED_RUNS))
+def test_training_curves_with_the_fused_head_equal_the_unfused(ranks4, tmp_path, name):
+    from tests.test_trainer import _assert_same_curve, case_curve
+
+    recipe, overrides = FUSED_RUNS[name]
+    base = [*SHORT_RUN, *overrides]
+    unfused = ranks4.run(case_curve, recipe, [*base, "model.fused_head=false"], str(tmp_path / "unfused"))[-1]
+    fused = ranks4.run(case_curve, recipe, [*base, "model.fused_head=true"], str(tmp_path / "fused"))[-1]
+    assert all(abs(loss) > 0 for loss, _ in unfused)
+    _assert_same_curve(fused, unfused)
+
+
+def test_online_grpo_with_the_fused_head_equals_the_unfused(ranks4, tmp_path):
+    """Sampling (last-token logits), old/reference log-probs and the loss all go through the fused head."""
+    from tests.test_trainer import case_online_grpo
+
+    overrides = ["rollout.sft_warmup_steps=2", "rollout.epochs=2", "train.steps=2", "train.global_batch_size=16",
+                 "train.micro_batch_size=4", "rollout.group_size=4", "rollout.max_new_tokens=4", "log.progress=false"]
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    unfused = ranks4.run(case_online_grpo, [*overrides, "model.fused_head=false"], str(tmp_path / "a"))[-1]
+    fused = ranks4.run(case_online_grpo, [*overrides, "model.fused_head=true"], str(tmp_path / "b"))[-1]
+    assert fused["losses"] == pytest.approx(unfused["losses"], rel=1e-5)
+    a, b = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("a", "b"))
+    assert [json.loads(x)["reward_mean"] for x in a] == [json.loads(x)["reward_mean"] for x in b]

@@ -5,7 +5,8 @@ Calling convention. Every loss object is called once per micro-batch as
     loss, metrics = loss_fn(output, batch, counts, group)
 
 - ``output``: the model's output for the micro-batch: the logits ``[B, S, V/tp]`` (this rank's
-  vocabulary shard of the TP group ``group``), or the tuple ``(logits, values)`` when the model
+  vocabulary shard of the TP group ``group``) or, with ``model.fused_head``, a ``FusedHead`` that
+  the ops take in their place, or the tuple ``(logits, values)`` when the model
   has a value head, ``values`` ``[B, S]`` (the PPO critic). A loss that needs values raises
   ``ValueError`` when it gets bare logits; one that does not ignores them.
 - ``batch``: dict of tensors, keys below (``BATCH_KEYS``).
@@ -38,6 +39,7 @@ import torch.distributed as dist
 
 from mrl.config.checks import require_optional_positive_ints
 from mrl.losses.metrics import Metric, Metrics
+from mrl.ops.fused_head import FusedHead
 
 IGNORE_INDEX = -100
 
@@ -166,7 +168,7 @@ class Loss(abc.ABC):
 
 def split_model_output(output) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(logits, values)`` from a model output that is logits or a ``(logits, values)`` tuple."""
-    if isinstance(output, torch.Tensor):
+    if isinstance(output, (torch.Tensor, FusedHead)):
         return output, None
     if isinstance(output, (tuple, list)) and len(output) == 2:
         return output[0], output[1]
@@ -191,8 +193,8 @@ def check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
 def check_shape(batch: Mapping[str, torch.Tensor], key: str, *shapes: torch.Size | tuple) -> torch.Tensor:
     """``batch[key]`` after checking its shape is one of ``shapes``."""
     tensor = batch[key]
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) not in [tuple(s) for s in shapes]:
-        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+    if not isinstance(tensor, (torch.Tensor, FusedHead)) or tuple(tensor.shape) not in [tuple(s) for s in shapes]:
+        got = tuple(tensor.shape) if isinstance(tensor, (torch.Tensor, FusedHead)) else type(tensor).__name__
         raise ValueError(f"batch[{key!r}] must have shape {' or '.join(str(tuple(s)) for s in shapes)}, got {got}")
     return tensor
 

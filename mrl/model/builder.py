@@ -193,6 +193,7 @@ def build_model(model: ModelConfig, precision: PrecisionConfig, layout: Parallel
             vp_stage=vp_stage,
             logits_fp32=precision.logits_fp32,
             value_head=model.value_head if value_head is None else value_head,
+            fused_head=model.fused_head,
         )
         if device == "cuda":
             chunk = chunk.cuda(torch.cuda.current_device())

@@ -79,6 +79,11 @@ class ModelConfig:
     value_head: bool = False
     """Add a scalar value head on the final hidden states (PPO critic)."""
 
+    fused_head: bool = False
+    """Fuse the output layer into the loss: the last stage hands (hidden states, output weight) to
+    the log-prob / entropy / KL ops, which compute the logits chunk by chunk and never hold
+    [tokens, V/tp] of them (for large vocabularies and long sequences)."""
+
     recompute: Optional[Literal["full", "selective"]] = None
     """Activation recompute: None, 'full' (whole layers) or 'selective' (core attention)."""
 

@@ -32,6 +32,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from mrl.ops.fused_head import FusedHead
 from mrl.parallel.layout import ParallelLayout
 
 
@@ -160,6 +161,8 @@ class KVCacheDecoder:
         if not layout.is_last_stage:
             return None
         logits = output[0] if isinstance(output, tuple) else output  # [rows, 1, V/tp] (values dropped)
+        if isinstance(logits, FusedHead):
+            logits = logits.logits()  # one position per row: small enough to materialise
         return logits[:, -1]
 
     def _stage_rank(self, virtual: int) -> int:

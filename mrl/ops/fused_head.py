@@ -72,8 +72,13 @@ class FusedHead:
         h, w = (self.hidden.float(), self.weight.float()) if self.fp32 else (self.hidden, self.weight)
         return h @ w.t()
 
+    def detach(self) -> "FusedHead":
+        """The same head without autograd history (``Tensor.detach``'s counterpart)."""
+        return FusedHead(self.hidden.detach(), self.weight.detach(), fp32=self.fp32)
+
     def detached(self) -> "FusedHead":
-        """A copy of the hidden states with no autograd history (a frozen reference's head)."""
+        """A copy of the hidden states with no autograd history (a frozen reference's head, kept in a
+        batch): the weight is shared, not copied."""
         return FusedHead(self.hidden.detach().clone(), self.weight.detach(), fp32=self.fp32)
 
     def chunk_logits(self, rows: slice) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from mrl.losses.base import split_model_output
 from mrl.ops import vocab_parallel_logprobs
+from mrl.ops.fused_head import FusedHead
 from mrl.parallel.layout import ParallelLayout
 from mrl.train.step import run_schedule
 
@@ -36,7 +37,7 @@ def annotate_logprobs(chunks: list, micro_batches: list[dict], layout: ParallelL
             vocab_size=vocab_size, chunk_size=chunk_size,
         )
         if keep_logits_key is not None:
-            batch[keep_logits_key] = logits.detach().clone()
+            batch[keep_logits_key] = logits.detached() if isinstance(logits, FusedHead) else logits.detach().clone()
         if values_key is not None and values is not None:
             batch[values_key] = values.detach().float()
         zero = torch.zeros((), dtype=torch.float32, device=logits.device)
