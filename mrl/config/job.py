@@ -239,4 +239,8 @@ class JobConfig:
                     )
                 if self.data.seq_length < 4 + self.rollout.max_new_tokens:
                     raise ValueError("data.seq_length leaves no room for prompts after rollout.max_new_tokens")
-                self.rollout_wave_rows(dp)
+                if self.rollout.engine == "megatron":
+                    self.rollout_wave_rows(dp)
+                elif (self.rollout.vllm.max_model_len or self.data.seq_length) < self.data.seq_length:
+                    raise ValueError(f"rollout.vllm.max_model_len={self.rollout.vllm.max_model_len} must be >= "
+                                     f"data.seq_length={self.data.seq_length}")

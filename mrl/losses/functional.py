@@ -210,6 +210,57 @@ def sequence_level_old_logprobs(
         return logprobs - seq_log_ratio.unsqueeze(-1)
 
 
+IS_LEVELS: tuple[str, ...] = ("token", "sequence", "geometric")
+IS_CORRECTIONS: tuple[str, ...] = ("none", "truncate", "mask", "seq-mask-truncate")
+
+
+def importance_weights(
+    log_w: torch.Tensor, mask: torch.Tensor, *, correction: str, level: str = "token",
+    low: float = 0.0, high: float = 2.0, seq_low: float = 0.0, seq_high: float = math.inf,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Off-policy importance weights from per-token log w = old − behaviour log-probs [B, S].
+
+    level: "token" (w per token), "sequence" (a sequence's weight is the product of its token
+    weights, exp Σ log w), "geometric" (their geometric mean, exp mean log w); a sequence's weight
+    is shared by its tokens. correction: "truncate" clamps the weight to [low, high]; "mask" sets
+    it to 0 outside; "seq-mask-truncate" truncates token weights to [low, high] and masks whole
+    sequences whose geometric-mean weight lies outside [seq_low, seq_high]; "none" keeps w.
+
+    Returns (weights [B, S], token_outside [B, S] bool, seq_outside [B] bool): which tokens and
+    sequences had their weight truncated or masked. Masked positions get weight 0.
+    """
+    mask = mask.bool()
+    log_w = torch.where(mask, log_w, torch.zeros_like(log_w)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    lengths = mask.sum(-1).clamp_min(1).to(log_w.dtype)  # [B]
+    if level == "token" or correction == "seq-mask-truncate":
+        level_log_w = log_w
+    elif level == "sequence":
+        level_log_w = log_w.sum(-1, keepdim=True).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).expand_as(log_w)
+    elif level == "geometric":
+        level_log_w = (log_w.sum(-1) / lengths).unsqueeze(-1).expand_as(log_w)
+    else:
+        raise ValueError(f"importance-weight level must be one of {list(IS_LEVELS)}, got {level!r}")
+    raw = torch.exp(level_log_w)
+    outside = ((raw < low) | (raw > high)) & mask
+    if correction in ("truncate", "seq-mask-truncate"):
+        weights = raw.clamp(low, high)
+    elif correction == "mask":
+        weights = torch.where(outside, torch.zeros_like(raw), raw)
+    elif correction == "none":
+        weights = raw
+    else:
+        raise ValueError(f"importance-sampling correction must be one of {list(IS_CORRECTIONS)}, got {correction!r}")
+    seq_outside = outside.any(-1)
+    if correction == "seq-mask-truncate":
+        geometric = torch.exp(log_w.sum(-1) / lengths)  # [B]
+        dropped = (geometric < seq_low) | (geometric > seq_high)
+        weights = torch.where(dropped.unsqueeze(-1), torch.zeros_like(weights), weights)
+        outside = outside | (dropped.unsqueeze(-1) & mask)
+        seq_outside = seq_outside | (dropped & mask.any(-1))
+    weights = torch.where(mask, weights, torch.zeros_like(weights))
+    return weights.detach(), outside, seq_outside
+
+
 def dpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,

@@ -12,6 +12,71 @@ GIB = 2**30
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM rollout engine (``rollout.engine: vllm``): one engine per data-parallel replica,
+    started with dummy weights and refit in place from the policy before every rollout."""
+
+    tensor_parallel_size: int = 1
+    """Tensor-parallel size of each engine (its own worker processes); independent of parallel.tp."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Engine weights and activations; auto: precision.dtype. fp32 makes engine and trainer
+    log-probs agree to ~1e-6; bf16 to ~1e-2 (see loss.is_correction)."""
+
+    kv_cache_gib: int = 1
+    """KV-cache space of each engine on CPU, in whole GiB (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+
+    gpu_memory_utilization: float = 0.5
+    """Fraction of each GPU's memory the engine may take (weights + KV cache) on GPU; the trainer
+    shares the GPU, so leave it room."""
+
+    max_model_len: Optional[int] = None
+    """Longest prompt + completion the engine accepts, in tokens; null: data.seq_length."""
+
+    block_size: Optional[int] = None
+    """Tokens per KV-cache block; null: vLLM's default for the platform."""
+
+    enforce_eager: bool = True
+    """Run the model eagerly (no torch.compile / CUDA graphs): starts in seconds instead of
+    compiling for tens of seconds; false is faster per token on GPU."""
+
+    prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (the G responses of a prompt); it is reset after
+    every refit, since KV computed with the old weights would be stale."""
+
+    sleep_during_training: bool = True
+    """On GPU, free the engine's KV cache while the trainer steps and reallocate it for the next
+    rollout (vLLM sleep mode); ignored on CPU, where sleep mode does nothing."""
+
+    refit_bucket_mb: int = 256
+    """Weights move from the trainer to the engine in buckets of at most this many MiB (one tensor
+    larger than a bucket travels alone): the peak extra memory of a refit on each sending rank."""
+
+    cpu_threads: Optional[str] = None
+    """CPU cores of each engine worker (vLLM's VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1", or "0|1" for
+    tensor_parallel_size 2); null: this process's allowed cores, split evenly among the workers."""
+
+    start_timeout_s: float = 600.0
+    """Seconds the engine may take to start before the run stops with an error."""
+
+    refit_timeout_s: float = 600.0
+    """Seconds one bucket's load into the engine may take before the run stops with an error."""
+
+    def __post_init__(self) -> None:
+        from mrl.config.checks import require_positive_ints
+
+        require_positive_ints(self, "rollout.vllm", ("tensor_parallel_size", "refit_bucket_mb", "kv_cache_gib"))
+        require_optional_positive_ints(self, "rollout.vllm", ("max_model_len", "block_size"))
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"rollout.vllm.dtype must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("start_timeout_s", "refit_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"rollout.vllm.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
 class RolloutConfig:
     """Online rollouts: G responses per prompt sampled from the policy itself, then rewarded."""
 
@@ -33,8 +98,12 @@ class RolloutConfig:
     """Sample from the smallest most-likely set of tokens whose probability reaches top_p (1: all);
     applied after top_k, within the renormalised top-k."""
 
-    engine: Literal["megatron"] = "megatron"
-    """Rollout source: megatron (KV-cached decoding of the policy's own weights on its own layout)."""
+    engine: Literal["megatron", "vllm"] = "megatron"
+    """Rollout source: megatron (KV-cached decoding of the policy's own weights on its own layout) or
+    vllm (a vLLM engine per data-parallel replica, refit from the policy; see rollout.vllm)."""
+
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vLLM engine (rollout.engine: vllm)."""
 
     decode_rows: Optional[int] = None
     """Rows decoded together (one wave) on each data-parallel rank; None: as many as
@@ -84,6 +153,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_k must be >= 0 (0 keeps every token), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.engine not in ("megatron", "vllm"):
+            raise ValueError(f"rollout.engine must be one of megatron, vllm, got {self.engine!r}")
         require_optional_positive_ints(self, "rollout", ("decode_rows",))
         if not self.kv_cache_gib > 0:
             raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")

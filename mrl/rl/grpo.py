@@ -3,10 +3,12 @@
 One rollout (per ``rollout.updates_per_rollout`` optimizer steps):
   1. this DP rank's prompts (whole groups stay on one rank), each repeated G times;
   2. completions from the ``RolloutSource`` that ``rollout.engine`` names (KV-cached decoding of
-     the policy by default), each token with its sampling log-prob (``rollout_logprobs``);
+     the policy by default; a vLLM engine refit from the policy), each token with its sampling
+     log-prob (``rollout_logprobs``; the loss's ``behaviour_logprobs`` when loss.is_correction is set);
   3. rewards from the reward function; group-normalised advantages (zero-variance groups get 0);
   4. old-policy log-probs (and reference log-probs for the KL term) with the same micro-batching
-     as training, so the first update is exactly on-policy (ratio 1);
+     as training, so the first update is exactly on-policy (ratio 1); the mismatch between them
+     and the rollout log-probs is logged every rollout (``mismatch_*``);
   5. the rows are split into mini-batches, one optimizer step each, for ``rollout.epochs`` passes.
 
 With ``rollout.sft_warmup_steps`` the run starts with SFT steps on ``rollout.warmup_data`` (a
@@ -110,9 +112,12 @@ class GRPOTrainer(Trainer):
             for batch in micro_batches:
                 outcome_value_targets(batch)
         metrics = self._rollout_metrics(rewards, completions, adv_metrics)
+        metrics.update(self._mismatch_metrics(micro_batches))
         timings = {"time_rollout_s": generated - started, "time_reward_s": scored_at - generated,
                    "time_logprobs_s": time.monotonic() - scored_at,
                    "gen_tokens_per_s": rollout.stats["tokens"] / max(generated - started, 1e-9)}
+        if "refit_s" in rollout.stats:  # an engine refit from the policy before generating
+            timings.update(time_refit_s=rollout.stats["refit_s"], refit_mib=rollout.stats["refit_mib"])
         per_update = len(micro_batches) // cfg.rollout.updates_per_rollout
         updates = [(micro_batches[i: i + per_update], metrics) for i in range(0, len(micro_batches), per_update)]
         updates = updates * cfg.rollout.epochs
@@ -152,9 +157,12 @@ class GRPOTrainer(Trainer):
             advantage = per_token  # [S]
         else:
             advantage = torch.tensor(advantage)
-        return {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).long(),
-                "position_ids": torch.arange(length), "advantages": advantage,
-                "rewards": torch.tensor(reward), "rollout_logprobs": sampled}
+        row = {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).long(),
+               "position_ids": torch.arange(length), "advantages": advantage,
+               "rewards": torch.tensor(reward), "rollout_logprobs": sampled}
+        if getattr(self.cfg.loss, "is_correction", "none") != "none":
+            row["behaviour_logprobs"] = sampled  # the loss's importance weights: old vs rollout engine
+        return row
 
     def _annotate(self, micro_batches: list[dict]) -> None:
         cfg = self.cfg
@@ -192,12 +200,54 @@ class GRPOTrainer(Trainer):
             "groups": groups,
         }
 
+    def _mismatch_metrics(self, micro_batches: list[dict]) -> dict:
+        """Rollout engine vs trainer log-probs of the sampled tokens, over every response token.
+
+        ``mismatch_logprob_max``/``_mean``: max and mean |engine − trainer|; ``mismatch_kl``: the
+        k3 estimate of KL(engine || trainer) from the engine's samples; ``mismatch_outside_frac``
+        and ``mismatch_outside_seq_frac``: tokens and sequences whose token weight exp(trainer −
+        engine) lies outside [loss.is_low, loss.is_high]. Computed on the last stage (where the
+        trainer's log-probs are), reduced over DP, identical on every rank.
+        """
+        low, high = getattr(self.cfg.loss, "is_low", 0.0), getattr(self.cfg.loss, "is_high", 2.0)
+        sums = torch.zeros(5, dtype=torch.float64)  # |d| sum, k3 sum, tokens, outside tokens, outside seqs
+        peak = torch.zeros(1, dtype=torch.float64)
+        seqs = torch.zeros(1, dtype=torch.float64)
+        if self.layout.is_last_stage:
+            for batch in micro_batches:
+                mask = (batch["labels"] != IGNORE_INDEX).cpu()
+                log_w = (batch["old_logprobs"].cpu().double() - batch["rollout_logprobs"].cpu().double())
+                log_w = torch.where(mask, log_w, torch.zeros_like(log_w))
+                gap = log_w.abs()
+                _, outside, seq_outside = LF.importance_weights(log_w, mask, correction="mask", low=low, high=high)
+                sums += torch.stack([gap.sum(), (torch.expm1(log_w) - log_w).sum(), mask.sum().double(),
+                                     outside.sum().double(), seq_outside.sum().double()])
+                peak = torch.maximum(peak, gap.max().reshape(1))
+                seqs += mask.any(-1).sum().double()
+        sums = torch.cat([sums, seqs]).to(self.device)
+        peak = peak.to(self.device)
+        dist.all_reduce(sums, group=self.layout.dp_group)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.layout.dp_group)
+        packed = torch.cat([sums, peak])
+        if self.layout.pp > 1:
+            dist.broadcast(packed, src=dist.get_global_rank(self.layout.pp_group, self.layout.pp - 1),
+                           group=self.layout.pp_group)
+        gap, k3, tokens, outside, seq_outside, seqs, peak = packed.tolist()
+        tokens, seqs = max(tokens, 1.0), max(seqs, 1.0)
+        return {"mismatch_logprob_max": peak, "mismatch_logprob_mean": gap / tokens, "mismatch_kl": k3 / tokens,
+                "mismatch_outside_frac": outside / tokens, "mismatch_outside_seq_frac": seq_outside / seqs}
+
     # SFT warm-up ------------------------------------------------------------------------------
 
     def train(self):
-        if self.step == 0 and self.cfg.rollout.sft_warmup_steps > 0 and not self._has_checkpoint():
-            self._sft_warmup()
-        return super().train()
+        try:
+            if self.step == 0 and self.cfg.rollout.sft_warmup_steps > 0 and not self._has_checkpoint():
+                self._sft_warmup()
+            return super().train()
+        finally:
+            close = getattr(self.rollout_source, "close", None)
+            if close is not None:  # an engine's processes end with the run
+                close()
 
     def _has_checkpoint(self) -> bool:
         return (self.checkpoint_dir / "latest").exists()

@@ -3,7 +3,8 @@
 A ``RolloutSource`` turns prompts (token ids) into completions (token ids), each token with its
 log-prob under the distribution it was drawn from. ``rollout.engine`` picks the source from
 ``ROLLOUT_ENGINES``; ``megatron`` (KV-cached decoding of the policy's own weights, on its own
-layout) is the default.
+layout) is the default; ``vllm`` (``mrl.rl.vllm_engine``) runs a vLLM engine per data-parallel
+replica, refit in place from the policy before every rollout.
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ def _megatron_source(cfg, chunks, layout, tokenizer, log) -> RolloutSource:
     return PolicySampler.from_config(cfg, chunks, layout, tokenizer, log=log)
 
 
-ROLLOUT_ENGINES: dict[str, Callable[..., RolloutSource]] = {"megatron": _megatron_source}
+def _vllm_source(cfg, chunks, layout, tokenizer, log) -> RolloutSource:
+    from mrl.rl.vllm_engine import VLLMRolloutSource
+
+    return VLLMRolloutSource(cfg, chunks, layout, tokenizer, log=log)
+
+
+ROLLOUT_ENGINES: dict[str, Callable[..., RolloutSource]] = {"megatron": _megatron_source, "vllm": _vllm_source}
 """``rollout.engine`` name -> ``builder(cfg, chunks, layout, tokenizer, log)``."""
 
 
