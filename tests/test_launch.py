@@ -142,6 +142,9 @@ def test_sbatch_trains_across_two_nodes(sbatch_job):
     assert f"TORCH_FR_DUMP_TEMP_FILE={log_dir}/nccl-trace-rank-" in job_log
     node_logs = "".join((log_dir / name).read_text() for name in ("node0-node1.log", "node1-node2.log"))
     assert "step 2/2" in node_logs and "Traceback" not in node_logs
+    # The logging rank's progress and end-of-run summary reach the job's own log.
+    assert "\nstep 2/2 | loss " in job_log and "\n[mrl] trained steps 1-2 of 2 in " in job_log
+    assert f"\n[mrl] export: mrl export-hf {output_dir} {output_dir}-hf\n" in job_log
 
     (call,) = srun_calls(tmp)
     assert "--nodes=2" in call and "--ntasks-per-node=1" in call and "--kill-on-bad-exit=1" in call
@@ -250,6 +253,16 @@ def test_failing_ranks_fail_the_job_with_their_logs(tmp_path):
     for node_log in ("node0-node1.log", "node1-node2.log"):  # their tails are in the batch output
         assert f"last lines of {tmp_path}/logs/mrl_test-4242/{node_log}" in proc.stdout
     assert "unrecognized arguments: --no-such-torchrun-flag" in proc.stdout
+
+
+def test_the_launchers_check_that_their_python_has_torch_and_mrl(tmp_path):
+    bare = tmp_path / "python-without-site-packages"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    proc = run(["bash", str(TORCHRUN), "4", RECIPE], dict(clean_env(), MRL_PYTHON=str(bare)))
+    assert proc.returncode == 1
+    assert f"'{bare}' cannot import torch; set MRL_PYTHON to the interpreter mrl is installed in" in proc.stdout
+    assert "does not validate" not in proc.stdout
 
 
 def test_torchrun_script_needs_a_rank_count(tmp_path):

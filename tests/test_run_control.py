@@ -119,6 +119,8 @@ def test_a_second_run_is_refused_and_sigterm_saves_the_current_step_and_stops_ev
     step = run.steps()[-1]
     assert f"stopped by SIGTERM at step {step}/500: saved {out}/checkpoints/step_{step:08d}" in run.output
     assert "[mrl] SIGTERM: the ranks finish their step and save a checkpoint" in run.output
+    assert f"[mrl] trained steps 1-{step} of 500 in " in run.output  # the summary follows the stop
+    assert f"[mrl] metrics: {out}/metrics.jsonl; checkpoints: {out}/checkpoints (latest: step_{step:08d})" in run.output
     assert latest(out) == f"step_{step:08d}" and "Traceback" not in run.output
     assert run.steps() == list(range(1, step + 1))  # one curve: the refused run wrote nothing
     assert run.session() == [] and not (out / "run.lock").exists()

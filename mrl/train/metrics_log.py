@@ -3,6 +3,7 @@
 Only the logging rank writes (the last global rank: a last pipeline stage, where losses live).
 ``metrics.jsonl`` gets one JSON object per step; a resumed run appends after truncating any
 lines at or beyond the step it resumes from, so the file always reads as one clean curve.
+``summary`` sums up what this invocation trained (steps, tokens, wall time, final and best values).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class MetricsLog:
         self.path = Path(output_dir) / "metrics.jsonl"
         self._start = time.monotonic()
         self._start_step: int | None = None
+        self._created = time.monotonic()
+        self._tokens = 0
+        self._last: dict | None = None
+        self._best: dict[str, tuple[float, int]] = {}  # key -> (best value, its step)
         self._tb = None
         self._last_rollout: str | None = None
         if enabled and tensorboard:
@@ -48,6 +53,7 @@ class MetricsLog:
         if self._start_step is None:
             self._start_step, self._start = step - 1, time.monotonic()
         clean = {key: _jsonable(value) for key, value in record.items()}
+        self._track(clean)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(clean, sort_keys=True) + "\n")
@@ -79,9 +85,42 @@ class MetricsLog:
         parts.append(f"eta {_duration(eta)}")
         return " | ".join(parts)
 
+    def _track(self, record: dict) -> None:
+        self._tokens += int(record.get("num_tokens", 0) or 0)
+        self._last = record
+        for key, better in BEST.items():
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                if key not in self._best or better(value, self._best[key][0]):
+                    self._best[key] = (value, record["step"])
+
+    def summary(self) -> list[str]:
+        """Lines summing up the steps written by this process (empty when it wrote none)."""
+        if self._last is None or self._start_step is None:
+            return []
+        seconds = time.monotonic() - self._created
+        first, last = self._start_step + 1, self._last["step"]
+        lines = [f"trained steps {first}-{last} of {self.total_steps} in {_duration(seconds)} "
+                 f"({_count(self._tokens)} tokens, {self._tokens / max(seconds, 1e-9):.0f} tok/s)"]
+        final = [f"{key} {self._last[key]:.4g}" for key in BEST if isinstance(self._last.get(key), (int, float))]
+        best = [f"{key} {value:.4g} (step {step})" for key, (value, step) in self._best.items()]
+        lines.append(f"final: {', '.join(final)} | best: {', '.join(best)}")
+        return lines
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+# Metrics whose best value the summary reports, and which way is better.
+BEST = {"loss": lambda new, old: new < old, "reward_mean": lambda new, old: new > old}
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 def _jsonable(value):

@@ -125,7 +125,20 @@ class Trainer:
                     self._stop_early(signal_name(signum), saved)
                     break
         self.log.close()
+        self._summarize()
         return results
+
+    def _summarize(self) -> None:
+        """The end-of-run summary: what was trained, and where its outputs are."""
+        lines = self.log.summary()
+        if not lines:
+            return
+        latest = self.checkpoint_dir / "latest"
+        saved = latest.read_text().strip() if latest.is_file() else "none yet"
+        lines += [f"metrics: {self.log.path}; checkpoints: {self.checkpoint_dir} (latest: {saved})",
+                  f"export: mrl export-hf {self.output_dir} {self.output_dir}-hf"]
+        for line in lines:
+            self.announce(line)
 
     def _stop_early(self, name: str, saved: bool) -> None:
         """A stop signal reached some rank: save this step (unless just saved) and say so."""
