@@ -191,3 +191,22 @@ def test_online_grpo_with_the_fused_head_equals_the_unfused(ranks4, tmp_path):
     assert fused["losses"] == pytest.approx(unfused["losses"], rel=1e-5)
     a, b = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("a", "b"))
     assert [json.loads(x)["reward_mean"] for x in a] == [json.loads(x)["reward_mean"] for x in b]
+
+
+def test_weight_gradient_can_accumulate_straight_into_main_grad():
+    """Megatron's gradient-accumulation fusion: ∂W is added to ``weight.main_grad`` (fp32) and the
+    returned gradient is a zero placeholder with ``grad_added_to_main_grad`` set, as DDP expects."""
+    from mrl import ops
+    from mrl.ops.fused_head import FusedHead
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
+    w = torch.randn(40, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 5), generator=gen)
+    ops.vocab_parallel_logprobs(FusedHead(h, w), labels).sum().backward()
+    expected = w.grad.clone()
+    w.grad = None
+    w.main_grad = torch.full_like(w, 0.5)
+    ops.vocab_parallel_logprobs(FusedHead(h, w, accumulate_main_grad=True), labels).sum().backward()
+    assert torch.allclose(w.main_grad, expected + 0.5, atol=1e-6)
+    assert w.grad_added_to_main_grad and torch.count_nonzero(w.grad) == 0
