@@ -93,16 +93,30 @@ class PolicyLossConfig(LossConfigBase):
     value_clip: float | None = None
     """PPO value clipping: V is kept within ±this of ``old_values``; null disables."""
 
-    is_correction: Literal["none", "truncate", "mask"] = "none"
-    """Off-policy importance sampling with w = exp(old_logprobs − behaviour_logprobs) per token:
-    "truncate" clamps w to [is_low, is_high]; "mask" drops tokens with w outside it (weight 0,
-    denominators unchanged); "none" disables."""
+    is_correction: Literal["none", "truncate", "mask", "seq-mask-truncate"] = "none"
+    """Off-policy importance sampling with w = exp(old_logprobs − behaviour_logprobs) per token
+    (in online GRPO the behaviour log-probs are the rollout engine's): "truncate" clamps the weight
+    to [is_low, is_high] (TIS); "mask" drops tokens with a weight outside it (MIS/icepop; weight 0,
+    denominators unchanged); "seq-mask-truncate" truncates token weights and drops whole sequences
+    whose geometric-mean weight lies outside [is_seq_low, is_seq_high] (seq-mask-TIS); "none"
+    disables."""
+
+    is_level: Literal["token", "sequence", "geometric"] = "token"
+    """Weight of truncate/mask: "token" (each token's own w), "sequence" (the product of the
+    sequence's token weights), "geometric" (their geometric mean); a sequence weight is shared by
+    the sequence's tokens."""
 
     is_low: float = 0.0
     """Lower bound of the importance weight (see is_correction)."""
 
     is_high: float = 2.0
     """Upper bound of the importance weight (see is_correction)."""
+
+    is_seq_low: float = 0.99
+    """Lower bound of a sequence's geometric-mean weight under "seq-mask-truncate"."""
+
+    is_seq_high: float = 1.01
+    """Upper bound of a sequence's geometric-mean weight under "seq-mask-truncate"."""
 
     temperature: float = 1.0
     """Sampling temperature: the logits are divided by it before every softmax."""
@@ -113,7 +127,8 @@ class PolicyLossConfig(LossConfigBase):
         _check_choice("agg", self.agg, LF.AGG_MODES)
         _check_choice("ratio_level", self.ratio_level, ("token", "sequence"))
         _check_choice("kl_estimator", self.kl_estimator, LF.KL_KINDS + ("full",))
-        _check_choice("is_correction", self.is_correction, ("none", "truncate", "mask"))
+        _check_choice("is_correction", self.is_correction, LF.IS_CORRECTIONS)
+        _check_choice("is_level", self.is_level, LF.IS_LEVELS)
         if not 0.0 <= self.clip_low < 1.0:
             raise ValueError(f"loss.clip_low must be in [0, 1), got {self.clip_low}")
         if self.clip_high < 0.0:
@@ -132,6 +147,9 @@ class PolicyLossConfig(LossConfigBase):
             raise ValueError(
                 f"loss.is_low must be >= 0 and < loss.is_high, got is_low={self.is_low}, is_high={self.is_high}"
             )
+        if not 0.0 <= self.is_seq_low < self.is_seq_high:
+            raise ValueError(f"loss.is_seq_low must be >= 0 and < loss.is_seq_high, got is_seq_low="
+                             f"{self.is_seq_low}, is_seq_high={self.is_seq_high}")
         if self.temperature <= 0.0:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
 
@@ -189,7 +207,7 @@ class PolicyLoss(Loss):
         def token_mean(per_token: torch.Tensor) -> Metric:
             return Metric.mean_fragment(LF.masked_mean(per_token.detach(), mask, counts.num_tokens))
 
-        weights, metrics = self._importance_weights(data, mask, token_mean)
+        weights, metrics = self._importance_weights(data, mask, token_mean, counts)
         old = data["old_logprobs"]
         if cfg.ratio_level == "sequence":
             old = LF.sequence_level_old_logprobs(logprobs, old, mask)
@@ -240,22 +258,22 @@ class PolicyLoss(Loss):
                 raise ValueError(f"values from the value head must be [B, S] = {shape}, got {tuple(values.shape)}")
         return inputs
 
-    def _importance_weights(self, data, mask, token_mean) -> tuple[torch.Tensor | None, Metrics]:
+    def _importance_weights(self, data, mask, token_mean, counts) -> tuple[torch.Tensor | None, Metrics]:
         """w = exp(old − behaviour), truncated or masked to [is_low, is_high] (detached)."""
         cfg = self.config
         if cfg.is_correction == "none":
             return None, {}
-        log_w = (data["old_logprobs"] - data["behaviour_logprobs"]).clamp(-LF.MAX_LOG_RATIO, LF.MAX_LOG_RATIO)
-        raw = torch.exp(log_w).detach()  # [B, S]
-        outside = (raw < cfg.is_low) | (raw > cfg.is_high)
-        if cfg.is_correction == "truncate":
-            weights = raw.clamp(cfg.is_low, cfg.is_high)
-        else:
-            weights = torch.where(outside, torch.zeros_like(raw), raw)
+        log_w = data["old_logprobs"] - data["behaviour_logprobs"]
+        weights, outside, seq_outside = LF.importance_weights(
+            log_w, mask, correction=cfg.is_correction, level=cfg.is_level, low=cfg.is_low, high=cfg.is_high,
+            seq_low=cfg.is_seq_low, seq_high=cfg.is_seq_high)
+        raw = torch.exp(log_w.clamp(-LF.MAX_LOG_RATIO, LF.MAX_LOG_RATIO)).detach()  # [B, S]
         metrics: Metrics = {
             "is_weight_mean": token_mean(weights),
             "is_weight_max": masked_max(raw, mask),
             "is_outside_frac": token_mean(outside.to(raw.dtype)),
+            "is_outside_seq_frac": Metric.mean_fragment(
+                LF.masked_mean(seq_outside.to(raw.dtype), mask.any(-1), counts.num_seqs)),
         }
         return weights, metrics
 
