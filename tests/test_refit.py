@@ -66,3 +66,34 @@ def test_streamed_shards_equal_the_export_tensors(ranks4, variant):
             assert max(result["buckets"]) <= max(bucket, largest + 64)
             assert result["stats"][1] == sum(result["buckets"])
     assert ("lm_head.weight" in expected) == (not fields.get("tie_embeddings", False))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.vllm.tensor_parallel_size=3", "rollout.vllm.tensor_parallel_size=3 must divide model.num_attention_heads"),
+    ("rollout.vllm.max_model_len=16", "rollout.vllm.max_model_len=16 must be >= data.seq_length"),
+    ("rollout.vllm.refit_bucket_mb=0", "rollout.vllm.refit_bucket_mb must be a positive integer"),
+    ("rollout.vllm.kv_cache_gib=0", "rollout.vllm.kv_cache_gib must be a positive integer"),
+    ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization must be in"),
+    ("rollout.vllm.start_timeout_s=0", "rollout.vllm.start_timeout_s must be > 0"),
+    ("rollout.engine=sglang", "rollout.engine"),
+])
+def test_vllm_settings_are_validated_naming_the_field(override, message):
+    """Checked by `mrl validate` and before any rank starts; vLLM itself is not needed."""
+    from mrl.config import load_config
+    from mrl.config.job import JobConfig
+
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        cfg = load_config("configs/grpo-tiny-cpu-vllm.yaml", JobConfig, [override])
+        cfg.validate(4)
+
+
+def test_the_vllm_recipes_validate():
+    from mrl.config import load_config
+    from mrl.config.job import JobConfig
+
+    tiny = load_config("configs/grpo-tiny-cpu-vllm.yaml", JobConfig)
+    tiny.validate(4)
+    assert (tiny.rollout.engine, tiny.rollout.vllm.dtype, tiny.precision.dtype) == ("vllm", "fp32", "fp32")
+    big = load_config("configs/grpo-llama3-8b-2n8g-tp4pp2-vllm.yaml", JobConfig)
+    big.validate(16)
+    assert big.rollout.vllm.tensor_parallel_size == 4 and big.loss.is_correction == "truncate"

@@ -120,6 +120,16 @@ class JobConfig:
         per_row = kv_cache_bytes_per_row(self.model, self.parallel, self.data.seq_length, self.precision.dtype)
         return self.rollout.wave_rows(per_row, self.train.global_batch_size // dp), per_row
 
+    def _check_vllm(self) -> None:
+        engine = self.rollout.vllm
+        if (engine.max_model_len or self.data.seq_length) < self.data.seq_length:
+            raise ValueError(f"rollout.vllm.max_model_len={engine.max_model_len} must be >= "
+                             f"data.seq_length={self.data.seq_length}")
+        heads = self.model.num_attention_heads
+        if heads % engine.tensor_parallel_size != 0:
+            raise ValueError(f"rollout.vllm.tensor_parallel_size={engine.tensor_parallel_size} must divide "
+                             f"model.num_attention_heads={heads}")
+
     def _check_initial_weights(self) -> None:
         """Hugging Face starting or reference weights must hold the architecture model.* describes."""
         from mrl.model.hf import check_model_matches_hf, is_hf_model_dir
@@ -241,6 +251,5 @@ class JobConfig:
                     raise ValueError("data.seq_length leaves no room for prompts after rollout.max_new_tokens")
                 if self.rollout.engine == "megatron":
                     self.rollout_wave_rows(dp)
-                elif (self.rollout.vllm.max_model_len or self.data.seq_length) < self.data.seq_length:
-                    raise ValueError(f"rollout.vllm.max_model_len={self.rollout.vllm.max_model_len} must be >= "
-                                     f"data.seq_length={self.data.seq_length}")
+                else:
+                    self._check_vllm()

@@ -68,7 +68,7 @@ def sampling_params(*, temperature: float, top_k: int, top_p: float, max_tokens:
     return vllm.SamplingParams(
         n=1, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
         logprobs=0,  # the sampled token's own log-prob only
-        stop_token_ids=[eos_id], detokenize=False,
+        stop_token_ids=[eos_id] if eos_id >= 0 else None, detokenize=False,
     )
 
 

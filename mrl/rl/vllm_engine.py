@@ -36,6 +36,7 @@ import os
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -223,7 +224,8 @@ class _Engine:
         started = time.monotonic()
         timer.start()
         try:
-            llm = vllm.LLM(**kwargs)
+            with _engine_devices(settings.tensor_parallel_size if gpu else 0):
+                llm = vllm.LLM(**kwargs)
         except BaseException as exc:
             timer.cancel()
             kill_descendants(spare=spare)
@@ -346,6 +348,30 @@ class _Engine:
             self._shm_file.close()
             self._shm_map = self._shm_file = None
             self._shm_size = 0
+
+
+@contextmanager
+def _engine_devices(count: int):
+    """On GPU the engine's workers take ``count`` GPUs starting at this rank's own (the GPUs of the
+    rank's tensor-parallel group when the engine's TP equals the trainer's): CUDA_VISIBLE_DEVICES
+    while the engine starts its processes."""
+    if count == 0:
+        yield
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    first = torch.cuda.current_device()
+    if first + count > len(devices):
+        raise RolloutEngineError(f"rollout.vllm.tensor_parallel_size={count} needs GPUs {first}..{first + count - 1} "
+                                 f"of this node, which has {len(devices)}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[first: first + count])
+    try:
+        yield
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
 def _shm_dir() -> Path:
