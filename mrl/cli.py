@@ -124,3 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before any rank started (they handle their own)
+        print(f"mrl {args.command}: interrupted", file=sys.stderr)
+        return 130

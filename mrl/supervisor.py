@@ -138,7 +138,11 @@ class _Watch:
             name = signal.Signals(self.stop_signal).name
             if self.killed_at_deadline:
                 _error(f"the ranks did not stop within {self.stop_timeout_s} s of {name} and were killed; "
-                       "the current step was not saved (a rerun resumes from the latest complete checkpoint)")
+                       "the current step was not saved")
+            latest = self.log_dir.parent / "checkpoints" / "latest"
+            saved = latest.read_text().strip() if latest.is_file() else None
+            _say(f"stopped by {name}; " + (f"the latest checkpoint is {latest.parent / saved}, which a rerun resumes from"
+                                          if saved else "no checkpoint was written yet"))
             return 128 + self.stop_signal
         if self.failed is None:
             return 0

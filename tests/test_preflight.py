@@ -73,5 +73,5 @@ def test_mrl_train_stops_on_bad_data_before_any_rank_in_seconds(tmp_path, bad_da
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith(f"mrl train: error: data: {bad_data}:2: invalid JSON") and "Traceback" not in proc.stderr
     assert len(proc.stderr.splitlines()) == 3
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 30  # about 2 s on an idle machine: no rank is started
     assert not (tmp_path / "out" / "config.yaml").exists()

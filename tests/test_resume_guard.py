@@ -91,4 +91,4 @@ def test_a_rerun_of_a_finished_run_says_so_in_seconds(run_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (f"[mrl] {run_dir} is already complete: its latest checkpoint is step 30 (train.steps=30); "
                            "nothing to train. Raise train.steps to train further.\n")
-    assert seconds < 15
+    assert seconds < 30  # about 2 s on an idle machine: no rank is started
