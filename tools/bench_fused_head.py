@@ -11,7 +11,7 @@ with an entropy bonus needs), then backward to ``h`` and ``W``:
 
 Peak extra memory is measured in fresh processes per variant: on CPU the growth of the resident set
 (``ru_maxrss``) over the run, on CUDA ``torch.cuda.max_memory_allocated`` beyond the inputs. Times
-are the fastest of ``--repeats``. On CUDA (bf16 inputs, fp32 logits) the throughput of forward +
+are the fastest of ``--repeats`` (and of ``--rounds`` alternating rounds). On CUDA (bf16 inputs, fp32 logits) the throughput of forward +
 backward, ``6 · T · H · V/tp`` FLOPs over the time, is set against a bf16 GEMM measured in the same run.
 
     python tools/bench_fused_head.py                          # CPU: T=4096, H=1024, V=152064, TP 1 and 2
@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=152064)
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the ops' own)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the fastest counts)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of fresh processes per variant")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per variant")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -176,8 +177,12 @@ def main(argv=None) -> int:
     summary = []
     for tp in degrees:
         run_args = argparse.Namespace(**{**vars(args), "tp": tp})
-        un_s, un_peak, _ = run_variant(run_args, "unfused")
-        fu_s, fu_peak, gemm = run_variant(run_args, "fused")
+        runs = {"unfused": [], "fused": []}
+        for _ in range(args.rounds):  # alternate the variants so that other load hits both alike
+            for variant in runs:
+                runs[variant].append(run_variant(run_args, variant))
+        un_s, un_peak = min(r[0] for r in runs["unfused"]), max(r[1] for r in runs["unfused"])
+        fu_s, fu_peak, gemm = min(r[0] for r in runs["fused"]), max(r[1] for r in runs["fused"]), runs["fused"][0][2]
         row = {"tp": tp, "unfused_s": un_s, "fused_s": fu_s, "unfused_peak_gib": un_peak / 2**30,
                "fused_peak_gib": fu_peak / 2**30, "time_ratio": fu_s / un_s, "peak_ratio": fu_peak / max(un_peak, 1)}
         line = (f"{tp:>3} | {un_s:>9.2f} {un_peak / 2**30:>8.2f} | {fu_s:>8.2f} {fu_peak / 2**30:>8.2f} | "
