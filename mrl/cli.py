@@ -4,6 +4,7 @@
     mrl validate CONFIG [key=value ...]     every check, no training; exit status 0 or 1
     mrl show-config CONFIG [key=value ...]  the resolved recipe as YAML
     mrl export-hf CHECKPOINT OUT_DIR        a checkpoint as a Hugging Face model directory
+    mrl plot RUN [RUN ...] [--out FILE.png] learning curves of runs, overlaid
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from pathlib import Path
+
+    from mrl.plot import plot_runs
+
+    out = args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 and Path(args.runs[0]).is_dir()
+                       else Path("curves.png"))
+    panels = plot_runs(args.runs, out)
+    print(f"wrote {out} ({', '.join(panels)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrl", description="Megatron-Core RL post-training.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="tensor dtype (bf16)")
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (5 GB)")
     export.set_defaults(func=cmd_export_hf)
+    plot = commands.add_parser("plot", help="draw runs' learning curves from their metrics.jsonl (needs matplotlib)")
+    plot.add_argument("runs", nargs="+", help="run directories (or metrics.jsonl files), overlaid")
+    plot.add_argument("--out", help="PNG file (default: <run>/curves.png for one run, curves.png for several)")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 
