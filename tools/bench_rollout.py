@@ -9,6 +9,11 @@ decoder differs:
                     sequence of every active row through the training forward, as a sampler without a
                     cache does).
 
+With ``--vllm`` (needs vLLM: run it with ``.venv-vllm/bin/python``), a third column: the same prompts
+through ``rollout.engine: vllm`` (``mrl.rl.vllm_engine``: one engine of ``--engine-tp`` workers beside
+rank 0, refit from the policy's shards). Its tokens/s count generation only; its start-up seconds
+and refit seconds per MiB (the fastest of ``--repeats`` refits of the whole model) are printed too.
+
 For each sequence length S the prompts have S - new_tokens tokens and every row generates exactly
 ``new_tokens`` tokens (no eos), so both variants produce the same number of tokens; each variant's
 time is the fastest of ``--repeats`` runs. Printed:
@@ -18,6 +23,7 @@ on CUDA ``torch.cuda.max_memory_allocated`` beyond the model.
 
     python tools/bench_rollout.py                         # CPU gloo: S = 64, 256, 1024 at TP1 and TP2
     python tools/bench_rollout.py --device cuda --tp 1    # one GPU, bf16, a larger model
+    .venv-vllm/bin/python tools/bench_rollout.py --vllm   # and the vLLM engine (CPU build)
 """
 
 from __future__ import annotations
@@ -87,6 +93,11 @@ def _measure(rank: int, args, variant: str, seq: int, port: int, results) -> Non
     gen = torch.Generator().manual_seed(7)
     prompt_len = seq - args.new_tokens
     prompts = [torch.randint(3, model.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(args.rows)]
+    if variant == "vllm":
+        _measure_vllm(args, layout, model, precision, chunks, prompts, seq, results)
+        layout.destroy()
+        dist.destroy_process_group()
+        return
     decoder = KVCacheDecoder if variant == "kv-cache" else FullForwardDecoder
     sampler = PolicySampler(chunks, layout, vocab_size=model.vocab_size, eos_id=-1, pad_id=0,
                             max_new_tokens=args.new_tokens, max_length=seq, sampling=SamplingParams(),
@@ -114,6 +125,39 @@ def _measure(rank: int, args, variant: str, seq: int, port: int, results) -> Non
         results.put(("ok", seconds, sum(len(c) for c in rollout.completions), peak))
     layout.destroy()
     dist.destroy_process_group()
+
+
+def _measure_vllm(args, layout, model, precision, chunks, prompts, seq: int, results) -> None:
+    """Start-up, refit and generation of ``rollout.engine: vllm`` over the same policy and prompts."""
+    from types import SimpleNamespace
+
+    from mrl.data.config import DataConfig
+    from mrl.rl.config import RolloutConfig, VLLMConfig
+    from mrl.rl.vllm_engine import VLLMRolloutSource
+
+    engine = VLLMConfig(tensor_parallel_size=args.engine_tp, dtype=precision.dtype, max_model_len=seq,
+                        enforce_eager=args.device == "cpu")
+    rollout = RolloutConfig(engine="vllm", max_new_tokens=args.new_tokens, vllm=engine)
+    cfg = SimpleNamespace(model=model, precision=precision, device=args.device, seed=3, rollout=rollout,
+                          data=DataConfig(kind="prompt", seq_length=seq))
+    started = time.perf_counter()
+    source = VLLMRolloutSource(cfg, chunks, layout, SimpleNamespace(eos_id=-1), log=lambda message: None)
+    startup = time.perf_counter() - started
+    refit_s, moved = float("inf"), 0
+    for _ in range(args.repeats):
+        dist.barrier()
+        started = time.perf_counter()
+        moved = source.refit()
+        dist.barrier()
+        refit_s = min(refit_s, time.perf_counter() - started)
+    source.generate(prompts[:2], seed=0)  # warm-up
+    seconds = float("inf")
+    for repeat in range(args.repeats):
+        out = source.generate(prompts, seed=1 + repeat)
+        seconds = min(seconds, out.stats["generate_s"])
+    source.close()
+    if layout.rank == 0:
+        results.put(("ok", seconds, sum(len(c) for c in out.completions), 0, startup, refit_s, moved))
 
 
 def _wait(results, procs, timeout: float, what: str):
@@ -161,6 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (the fastest counts)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per variant")
+    parser.add_argument("--vllm", action="store_true", help="also the vLLM engine (needs vLLM)")
+    parser.add_argument("--engine-tp", type=int, default=1, help="tensor-parallel size of the vLLM engine")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_rollout: --device cuda needs a CUDA GPU; none is visible", file=sys.stderr)
@@ -186,6 +232,14 @@ def main(argv=None) -> int:
             summary.append({"tp": tp, "seq": seq, "kv_tokens_per_s": kv_rate, "full_tokens_per_s": ff_rate,
                             "speedup": kv_rate / ff_rate, "kv_peak_mib": kv_peak / 2**20,
                             "full_peak_mib": ff_peak / 2**20})
+            if args.vllm:
+                v_s, v_n, _, startup, refit_s, moved = run_variant(args_tp, "vllm", seq)
+                mib = moved / 2**20
+                print(f"{'':>3} {'':>5} | vllm (engine tp {args.engine_tp}): {v_n / v_s:.0f} tok/s "
+                      f"({v_n / v_s / kv_rate:.1f}x kv-cache), start-up {startup:.1f} s, refit {refit_s:.3f} s "
+                      f"for {mib:.1f} MiB ({refit_s / max(mib, 1e-9):.4f} s/MiB)", flush=True)
+                summary[-1].update(vllm_tokens_per_s=v_n / v_s, vllm_startup_s=startup, vllm_refit_s=refit_s,
+                                   vllm_refit_mib=mib, vllm_refit_s_per_mib=refit_s / max(mib, 1e-9))
     print("SUMMARY " + json.dumps({"device": args.device, "rows": args.rows, "new_tokens": args.new_tokens,
                                    "results": summary}))
     return 0
