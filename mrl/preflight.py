@@ -20,6 +20,10 @@ def missing_packages(cfg: JobConfig) -> list[str]:
     needs: list[tuple[str, str, str]] = []  # (module, the setting that needs it, how to install)
     if cfg.log.tensorboard:
         needs.append(("tensorboard", "log.tensorboard=true", "pip install 'mrl[tensorboard]'"))
+    if cfg.log.wandb:
+        needs.append(("wandb", "log.wandb=true", "pip install 'mrl[wandb]'"))
+    if cfg.log.mlflow:
+        needs.append(("mlflow", "log.mlflow=true", "pip install 'mrl[mlflow]'"))
     if cfg.data.tokenizer != "byte":
         needs.append(("tokenizers", f"data.tokenizer={cfg.data.tokenizer}", "pip install 'mrl[hf]'"))
     sources = [("train.init_checkpoint", cfg.train.init_checkpoint)]

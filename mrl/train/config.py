@@ -113,3 +113,23 @@ class LogConfig:
 
     progress: bool = True
     """Print a progress line with ETA on the logging rank."""
+
+    wandb: bool = False
+    """Also log every step to Weights & Biases (needs the wandb extra), under <output_dir>/wandb."""
+
+    wandb_project: Optional[str] = None
+    """Weights & Biases project (None: the output directory's name)."""
+
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline: write the run locally only (upload later with `wandb sync <output_dir>/wandb`);
+    online: stream it to the server (needs WANDB_API_KEY and network access on the logging rank)."""
+
+    mlflow: bool = False
+    """Also log every step and the resolved recipe to MLflow (needs the mlflow extra)."""
+
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow tracking URI (None: a file store in <output_dir>/mlruns, no server needed)."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online"):
+            raise ValueError(f"log.wandb_mode must be offline or online, got {self.wandb_mode!r}")

@@ -14,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+from mrl.train.loggers import build_sinks
+
 
 class MetricsLog:
     """Writes step records on the logging rank; a no-op elsewhere."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, progress: bool = True,
-                 tensorboard: bool = False, log_interval: int = 1) -> None:
+                 tensorboard: bool = False, log_interval: int = 1, trackers=None, run_config: dict | None = None) -> None:
+        """``trackers``: a ``LogConfig`` whose wandb/mlflow settings add those sinks (``mrl.train.loggers``)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.progress = progress
@@ -31,12 +34,9 @@ class MetricsLog:
         self._tokens = 0
         self._last: dict | None = None
         self._best: dict[str, tuple[float, int]] = {}  # key -> (best value, its step)
-        self._tb = None
         self._last_rollout: str | None = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency
-
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        self._sinks = build_sinks(Path(output_dir), tensorboard=tensorboard, trackers=trackers,
+                                  run_config=run_config or {}) if enabled else []
 
     def resume_from(self, step: int) -> None:
         """Drop records of steps > ``step`` (they were not checkpointed and will be redone)."""
@@ -57,10 +57,11 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(clean, sort_keys=True) + "\n")
-        if self._tb is not None:
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, step)
+        if self._sinks:
+            numbers = {key: float(value) for key, value in clean.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
+            for sink in self._sinks:
+                sink.log(numbers, step)
         if isinstance(clean.get("time_rollout_s"), (int, float)):
             self._last_rollout = (f"rollout {clean['time_rollout_s']:.1f}s "
                                   f"({clean.get('gen_tokens_per_s', 0):.0f} gen tok/s) "
@@ -108,8 +109,9 @@ class MetricsLog:
         return lines
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
 
 
 # Metrics whose best value the summary reports, and which way is better.

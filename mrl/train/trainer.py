@@ -39,6 +39,7 @@ from mrl.train.checkpoint import (
 )
 from mrl.train.flops import count_parameters, peak_flops_per_gpu, training_flops
 from mrl.train.forward import annotate_logprobs
+from mrl.train.loggers import flat_config
 from mrl.train.metrics_log import MetricsLog
 from mrl.train.optim import build_optimizer, wrap_ddp
 from mrl.train.schedules import Scheduler
@@ -70,7 +71,8 @@ class Trainer:
                                     MetricsAccumulator, max_consecutive_bad_steps=cfg.train.max_consecutive_bad_steps)
         self.log = MetricsLog(self.output_dir, enabled=dist.get_rank() == dist.get_world_size() - 1,
                               total_steps=cfg.train.steps, progress=cfg.log.progress,
-                              tensorboard=cfg.log.tensorboard, log_interval=cfg.train.log_interval)
+                              tensorboard=cfg.log.tensorboard, log_interval=cfg.train.log_interval,
+                              trackers=cfg.log, run_config=flat_config(cfg) if cfg.log.wandb or cfg.log.mlflow else None)
         self.step = 0
         self.stop_signals = StopSignals.disabled()  # run_job installs the job's signal handling here
         self.stopped_by: str | None = None  # the signal that stopped the run early, if any
