@@ -12,7 +12,7 @@ step        budget  what
 setup         40 s  probe Python, torch, CUDA and Megatron-Core; install megatron-core from the
                     wheels in ``--wheels`` (``make gpu-wheels``) into a private folder when it
                     does not import
-gpu-tests     70 s  ``pytest -m gpu tests/test_gpu.py`` (Transformer Engine tests skip with a reason)
+gpu-tests     70 s  ``pytest -m gpu`` over the GPU test files (Transformer Engine tests skip with a reason)
 vocab-ops     60 s  ``tools/bench_vocab_ops.py --device cuda``: the ops against the bandwidth floor
 fused-head    60 s  ``tools/bench_fused_head.py --device cuda`` (skipped while the file is absent)
 train-step   140 s  ``tools/bench_train_step.py --device cuda --size 1b``: one bf16 step of a 1.1B
@@ -405,11 +405,13 @@ def _environment_line(info: dict, details: dict) -> str:
 
 # The steps --------------------------------------------------------------------------------------
 
+GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_gpu_decoding.py")
+
 
 def gpu_tests(ctx: Context, box_s: float) -> Outcome:
     with tempfile.TemporaryDirectory() as scratch:
         junit = Path(scratch) / "gpu-tests.xml"
-        argv = [ctx.python, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-rs", "-p", "no:cacheprovider",
+        argv = [ctx.python, "-m", "pytest", "-q", "-m", "gpu", *GPU_TEST_FILES, "-rs", "-p", "no:cacheprovider",
                 f"--junitxml={junit}"]
         done = run_command(ctx, "gpu-tests", argv, box_s)
         numbers, tests = junit_outcome(junit)
@@ -510,7 +512,7 @@ def _generic_headline(outcome: Outcome) -> str:
 
 STEPS = [
     Step("setup", 40, "environment probe, megatron-core from the wheels", setup, lambda o: o.details["summary"]),
-    Step("gpu-tests", 70, "pytest -m gpu tests/test_gpu.py", gpu_tests, _tests_headline),
+    Step("gpu-tests", 70, "pytest -m gpu " + " ".join(GPU_TEST_FILES), gpu_tests, _tests_headline),
     Step("vocab-ops", 60, "vocab-parallel ops against the bandwidth floor", vocab_ops, _vocab_headline),
     Step("fused-head", 60, "fused-head benchmark", optional_benchmark("tools/bench_fused_head.py", "fused-head"),
          _generic_headline),
