@@ -49,6 +49,10 @@ mrl_torchrun_main() {
   local python
   python=$(mrl_find_python)
   mrl_validate "$python" "$nproc" "$@"
+  if ((MRL_COMPLETE)); then
+    mrl_log "the run is already complete; no rank was started"
+    exit 0
+  fi
   mrl_export_env "$MRL_TP" "$MRL_CP" ""
 
   mrl_log "phase launch"

@@ -56,8 +56,8 @@ def run_rank(cfg: JobConfig, *, lock_held: bool = False) -> int:
         return 1
     except Interrupted as exc:
         if rank == 0:
-            print(f"[mrl] {exc} before the first step boundary (set-up or warm-up); no checkpoint was "
-                  "written, a rerun starts from the latest complete one, if any", flush=True)
+            print(f"[mrl] {exc} outside a step boundary (set-up, warm-up, or train.stop_timeout_s=0): the "
+                  "current step was not saved; a rerun resumes from the latest complete checkpoint, if any", flush=True)
         return 128 + (stop.received or signal.SIGTERM)
     except BaseException as exc:  # noqa: BLE001 - reported, then the exit status says it failed
         rank_errors.report(exc, rank, Path(cfg.log.output_dir) / "logs")

@@ -265,6 +265,21 @@ def test_the_launchers_check_that_their_python_has_torch_and_mrl(tmp_path):
     assert "does not validate" not in proc.stdout
 
 
+def test_a_finished_run_starts_no_rank(tmp_path):
+    from mrl.config import dump_yaml, load_config
+    from mrl.config.job import JobConfig
+
+    output_dir = tmp_path / "out"
+    overrides = [*SHORT_RUN, f"log.output_dir={output_dir}"]
+    (output_dir / "checkpoints").mkdir(parents=True)
+    (output_dir / "checkpoints" / "latest").write_text("step_00000002\n")
+    (output_dir / "config.yaml").write_text(dump_yaml(load_config(str(REPO / RECIPE), JobConfig, overrides)))
+    proc = run(["bash", str(TORCHRUN), "4", RECIPE, *overrides], clean_env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert f"{output_dir} is already complete: its latest checkpoint is step 2 (train.steps=2)" in proc.stdout
+    assert "the run is already complete; no rank was started" in proc.stdout and "phase launch" not in proc.stdout
+
+
 def test_torchrun_script_needs_a_rank_count(tmp_path):
     proc = run(["bash", str(TORCHRUN), RECIPE], clean_env(CUDA_VISIBLE_DEVICES=""))
     assert proc.returncode == 1 and "pass NPROC or set MRL_NPROC_PER_NODE" in proc.stdout

@@ -52,3 +52,20 @@ def test_a_holder_on_another_host_counts_as_alive_unless_it_is_this_slurm_job(tm
         RunLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued: its first attempt is gone
     assert "SLURM job 77" in RunLock(tmp_path).acquire()
+
+
+def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_stops_with_one_message(tmp_path, holder):
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "TORCHELASTIC"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "mrl", "train", "configs/sft-tiny-cpu.yaml", "parallel.tp=1", "parallel.pp=1",
+                           f"log.output_dir={tmp_path}"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    message = f"mrl train: error: {tmp_path} is in use by another mrl run (pid {holder.pid} on host "
+    assert proc.stderr.count(message) == 1, proc.stderr
+    assert not (tmp_path / "config.yaml").exists()
