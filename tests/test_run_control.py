@@ -161,3 +161,21 @@ def test_an_error_on_the_ranks_is_printed_once_with_the_tracebacks_in_the_log_di
     for rank in (0, 1):
         assert "Traceback" in (out / "logs" / f"rank{rank}.log").read_text()
     assert run.session() == []
+
+
+def test_a_rank_that_cannot_stop_in_time_is_killed_after_the_timeout(tmp_path):
+    out = tmp_path / "out"
+    run = Run(tmp_path, out, "train.steps=500", "train.stop_timeout_s=2")
+    run.wait_for(lambda: len(run.steps()) >= 1)
+    stuck = run.ranks()[1]
+    stuck.suspend()  # SIGSTOP: it can neither finish its step nor answer the stop
+    started = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    status = run.wait()
+    seconds = time.monotonic() - started
+    assert status == 128 + signal.SIGTERM, run.output
+    assert "[mrl] rank 0: not stopped 2 s after SIGTERM (train.stop_timeout_s); exiting without a checkpoint" in run.output
+    assert ("mrl train: error: the ranks did not stop within 2 s of SIGTERM and were killed; "
+            "the current step was not saved") in run.output
+    assert seconds < 2 + 15 + 10  # the timeout, the spawner's margin, and slack for a loaded machine
+    assert run.session() == []

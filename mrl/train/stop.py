@@ -15,6 +15,11 @@ there is no step to finish there and nothing worth saving. The first signal also
 watchdog: a rank still running ``timeout_s`` later kills its helper processes and exits, so a
 stuck collective or a slow save never outlives the time the scheduler grants. Further signals
 (SLURM and the launcher often both send one) change nothing.
+
+The watchdog must start even while the main thread waits inside a collective, where Python's
+own signal handler does not run until the wait returns: the signal also reaches a helper thread
+through ``signal.set_wakeup_fd``, and that thread arms it (plus ``SIGALRM`` a few seconds later,
+which ends the process in the kernel should no Python thread get to run at all).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 WATCHDOG_EXIT_STATUS = 124
+ALARM_MARGIN_S = 5
 
 
 class Interrupted(Exception):
@@ -54,6 +60,9 @@ class StopSignals:
         self._deferred = False
         self._previous: dict[int, object] = {}
         self._watchdog: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._wakeup: tuple[int, int] | None = None
+        self._interrupting = False
 
     @classmethod
     def disabled(cls) -> "StopSignals":
@@ -65,22 +74,52 @@ class StopSignals:
             return
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._wakeup = (read, write)
+        threading.Thread(target=self._watch_wakeup, args=(read,), name="mrl-stop-signals", daemon=True).start()
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wakeup[1])  # the watching thread then reads EOF and ends
+            self._wakeup = None
         if self._watchdog is not None:
             self._watchdog.cancel()
+            signal.alarm(0)
+
+    def _watch_wakeup(self, read: int) -> None:
+        """Arm the watchdog as soon as a stop signal arrives, whatever the main thread does."""
+        try:
+            while data := os.read(read, 64):
+                for signum in data:
+                    if signum in STOP_SIGNALS:
+                        self._arm(signum)
+        finally:
+            os.close(read)
+
+    def _arm(self, signum: int) -> bool:
+        """Record the first stop signal and start the watchdog; False for a repeated signal."""
+        with self._lock:
+            if self.received is not None:
+                return False
+            self.received = signum
+            self._watchdog = threading.Timer(self.timeout_s, self._give_up)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+            signal.alarm(int(self.timeout_s) + ALARM_MARGIN_S)
+            return True
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is not None:
+        first = self._arm(signum)
+        if self._interrupting or not (first or self.received == signum):
             return
-        self.received = signum
-        self._watchdog = threading.Timer(self.timeout_s, self._give_up)
-        self._watchdog.daemon = True
-        self._watchdog.start()
         if not self._deferred or self.timeout_s == 0:
+            self._interrupting = True
             raise Interrupted(signal_name(signum))
 
     def _give_up(self) -> None:
