@@ -71,10 +71,10 @@ def _engine_processes(source) -> list[int]:
     engine = getattr(source, "engine", None)
     if engine is None:
         return []
-    pids = list(engine.pids)
+    pids = set(engine.pids)
     for pid in engine.pids:
-        pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    return pids
+        pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    return sorted(pids)
 
 
 def _alive(pids: list[int]) -> list[int]:
@@ -103,6 +103,9 @@ LAYOUTS2 = {
                                     "model.add_qkv_bias=true"],
     # trainer TP1 x DP2: two engines, one per replica; tied embeddings
     "tp1xdp2-engine-tp1-tied": ["parallel.tp=1", "parallel.pp=1", "model.tie_embeddings=true"],
+    # trainer PP2, engine TP2; qk-norm (a Qwen3 config)
+    "pp2-engine-tp2-qk-norm": ["parallel.tp=1", "parallel.pp=2", "rollout.vllm.tensor_parallel_size=2",
+                               "model.qk_layernorm=true"],
 }
 LAYOUTS4 = {
     # trainer TP2 x PP2, engine TP2; tied embeddings across stages, GQA, q/k/v biases

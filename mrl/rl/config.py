@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from mrl.config.checks import require_optional_positive_ints
+from mrl.config.checks import require_optional_positive_ints, require_positive_ints
 from mrl.data.config import DataConfig
 
 GIB = 2**30
@@ -63,8 +63,6 @@ class VLLMConfig:
     """Seconds one bucket's load into the engine may take before the run stops with an error."""
 
     def __post_init__(self) -> None:
-        from mrl.config.checks import require_positive_ints
-
         require_positive_ints(self, "rollout.vllm", ("tensor_parallel_size", "refit_bucket_mb", "kv_cache_gib"))
         require_optional_positive_ints(self, "rollout.vllm", ("max_model_len", "block_size"))
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):

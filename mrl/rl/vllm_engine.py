@@ -312,12 +312,15 @@ class _Engine:
                 family += root.children(recursive=True) + [root]
             except psutil.NoSuchProcess:
                 pass
-        for process in family:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=5)
+        deadline = time.monotonic() + 30.0
+        while family and time.monotonic() < deadline:
+            for process in family:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            _, family = psutil.wait_procs(family, timeout=1)
+            family = [p for p in family if _running(p)]  # a killed grandchild stays a zombie until reaped
 
     def close(self) -> None:
         from mrl.rl import vllm_compat
@@ -348,6 +351,15 @@ class _Engine:
             self._shm_file.close()
             self._shm_map = self._shm_file = None
             self._shm_size = 0
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @contextmanager
@@ -385,7 +397,7 @@ def _set_engine_environment(settings, gpu: bool) -> None:
     # This process already runs gloo threads: fork would copy them into the engine's processes.
     env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the engine core in its own process
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings on CPU are many and harmless
     if gpu:
         return
     env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
