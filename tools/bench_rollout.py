@@ -82,7 +82,7 @@ def _measure(rank: int, args, variant: str, seq: int, port: int, results) -> Non
         from mrl.parallel.cpu import enable_cpu_execution
 
         enable_cpu_execution()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
+        torch.set_num_threads(args.threads)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.tp)
     layout = ParallelLayout.initialize(ParallelConfig(tp=args.tp))
     layout.seed(1)
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, nargs="*", default=[64, 256, 1024], help="sequence lengths S")
     parser.add_argument("--rows", type=int, default=16, help="rows decoded together")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank (one is steadiest on a busy machine)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (the fastest counts)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per variant")
     parser.add_argument("--vllm", action="store_true", help="also the vLLM engine (needs vLLM)")
