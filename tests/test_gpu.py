@@ -7,7 +7,6 @@ does); they start their own single-process NCCL group.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -19,20 +18,8 @@ needs_te = pytest.mark.skipif(not te_available(), reason="needs NVIDIA Transform
 
 
 @pytest.fixture(scope="module")
-def layout():
-    import torch.distributed as dist
-
-    from mrl.parallel.layout import ParallelConfig, ParallelLayout
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    layout = ParallelLayout.initialize(ParallelConfig())
-    layout.seed(1234)
-    yield layout
-    layout.destroy()
-    dist.destroy_process_group()
+def layout(cuda_layout):
+    return cuda_layout
 
 
 def _step_loss(precision, layout, transformer_impl="transformer_engine"):

@@ -7,7 +7,6 @@ A single-process NCCL group, TP=1.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -18,20 +17,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def layout():
-    import torch.distributed as dist
-
-    from mrl.parallel.layout import ParallelConfig, ParallelLayout
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = "29547"
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    layout = ParallelLayout.initialize(ParallelConfig())
-    layout.seed(1234)
-    yield layout
-    layout.destroy()
-    dist.destroy_process_group()
+def layout(cuda_layout):
+    return cuda_layout
 
 
 def _chunks(layout, dtype: str, impl: str):
