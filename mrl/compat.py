@@ -90,17 +90,19 @@ def apex_available() -> bool:
     return _probe("apex")[0] is not None
 
 
-def gpt_layer_spec(*, use_te: bool, normalization: str, qk_layernorm: bool):
-    """Megatron-Core's GPT layer spec: Transformer Engine layers or its local (torch) layers."""
+def gpt_layer_spec(*, use_te: bool, normalization: str, qk_layernorm: bool, num_experts: int | None = None,
+                   moe_grouped_gemm: bool = False):
+    """Megatron-Core's GPT layer spec: Transformer Engine layers or its local (torch) layers; with
+    ``num_experts`` a MoE layer (routed experts as sequential MLPs, or grouped GEMM with TE)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         import_transformer_engine("The Transformer Engine layer spec")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=qk_layernorm
+            num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm
         )
     return gpt_layer_specs.get_gpt_layer_local_spec(
-        normalization=normalization, qk_layernorm=qk_layernorm
+        num_experts=num_experts, moe_grouped_gemm=False, normalization=normalization, qk_layernorm=qk_layernorm
     )
 
 
@@ -139,3 +141,19 @@ def _with_step(inner, original):
 
     set_states._mrl_patched = True
     return set_states
+
+
+_MOE_TE_NAMES = ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute", "te_general_gemm")
+
+
+def prepare_moe_without_te() -> None:
+    """megatron-core 0.16.1's ``moe_utils`` leaves its Transformer Engine names undefined when TE is
+    absent, yet tests ``te_general_gemm is not None`` in the router (``NameError`` on the first forward);
+    define the missing names as None so the torch paths run."""
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _MOE_TE_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)

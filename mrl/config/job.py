@@ -10,7 +10,7 @@ from mrl.data.config import DataConfig
 from mrl.losses.factory import LossConfig
 from mrl.losses.sft import SFTLossConfig
 from mrl.model.config import ModelConfig, PrecisionConfig
-from mrl.parallel.layout import ParallelConfig, check_model_divisibility
+from mrl.parallel.layout import ParallelConfig, check_expert_divisibility, check_model_divisibility
 from mrl.rl.config import RolloutConfig
 from mrl.train.config import LogConfig, ReferenceConfig, TrainConfig
 from mrl.train.optim import OptimConfig
@@ -91,6 +91,7 @@ class JobConfig:
             num_query_groups=self.model.num_query_groups,
             padded_vocab_size=self.model.padded_vocab_size(self.parallel.tp),
         )
+        check_expert_divisibility(self.parallel, num_experts=self.model.num_experts, world_size=world)
         self._check_algorithm()
         self._check_device()
         self._check_lengths()

@@ -16,10 +16,16 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mrl.compat import fused_softmax_available, gpt_layer_spec, import_transformer_engine, te_available
+from mrl.compat import (
+    fused_softmax_available,
+    gpt_layer_spec,
+    import_transformer_engine,
+    prepare_moe_without_te,
+    te_available,
+)
 from mrl.model.config import ModelConfig, PrecisionConfig
 from mrl.model.init import layout_invariant_init_
-from mrl.parallel.layout import ParallelLayout, check_model_divisibility
+from mrl.parallel.layout import ParallelLayout, check_expert_divisibility, check_model_divisibility
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -105,6 +111,9 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         # same shape can be paired the wrong way round (seen on gloo); per-op p2p orders by parity.
         batch_p2p_comm=not on_cpu and not (parallel.vpp and parallel.pp == 2),
     )
+    if model.is_moe:
+        prepare_moe_without_te()
+        kwargs.update(moe_kwargs(model, parallel.ep, parallel.expert_tp, use_grouped_gemm=not on_cpu and te_available()))
     if model.recompute is not None:
         kwargs.update(recompute_granularity=model.recompute)
         if model.recompute == "full":
@@ -124,21 +133,68 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
     return TransformerConfig(**kwargs)
 
 
+def moe_kwargs(model: ModelConfig, ep: int, expert_tp: int, *, use_grouped_gemm: bool) -> dict:
+    """Megatron-Core ``TransformerConfig`` fields of a MoE model (drop-less unless a capacity factor is set)."""
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_topk,
+        moe_ffn_hidden_size=model.moe_ffn_size,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_size,
+        moe_shared_expert_gate=model.moe_shared_expert_gate,
+        moe_layer_freq=model.moe_layer_pattern(),
+        moe_router_score_function=model.moe_router_score_function,
+        moe_router_pre_softmax=model.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+        moe_router_dtype=model.moe_router_dtype,
+        moe_router_load_balancing_type=model.moe_load_balancing,
+        moe_aux_loss_coeff=float(model.moe_aux_loss_coeff),
+        moe_z_loss_coeff=float(model.moe_z_loss_coeff) or None,
+        moe_expert_capacity_factor=model.moe_capacity_factor,
+        moe_token_drop_policy=model.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=model.moe_pad_expert_input_to_capacity,
+        moe_router_enable_expert_bias=model.moe_expert_bias,
+        moe_router_bias_update_rate=model.moe_expert_bias_update_rate,
+        moe_token_dispatcher_type=model.moe_token_dispatcher,
+        moe_enable_routing_replay=model.moe_routing_replay,
+        moe_grouped_gemm=use_grouped_gemm,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=expert_tp,
+    )
+
+
 def layer_spec(config, model: ModelConfig, use_te: bool, vp_stage: int | None, pp_rank: int):
-    """The block spec for this chunk: TE layers, or local layers with SP-capable torch norms."""
+    """The block spec for this chunk: TE layers, or local layers with SP-capable torch norms; MoE
+    layers where ``model.moe_layer_pattern()`` says so."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    spec = gpt_layer_spec(use_te=use_te, normalization=model.normalization, qk_layernorm=model.qk_layernorm)
-    if use_te:
-        return spec
-    from mrl.parallel.cpu import SequenceParallelTorchNorm
+    def spec_for(num_experts):
+        spec = gpt_layer_spec(use_te=use_te, normalization=model.normalization, qk_layernorm=model.qk_layernorm,
+                              num_experts=num_experts, moe_grouped_gemm=bool(config.moe_grouped_gemm))
+        if use_te:
+            return spec
+        from mrl.parallel.cpu import SequenceParallelTorchNorm
 
-    spec = _replace_torch_norms(spec, SequenceParallelTorchNorm)
+        return _replace_torch_norms(spec, SequenceParallelTorchNorm)
+
+    if not model.is_moe and use_te:
+        return spec_for(None)
+    specs = {0: spec_for(None), 1: spec_for(model.num_experts) if model.is_moe else None}
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SequenceParallelTorchNorm)
+    pattern = model.moe_layer_pattern()[offset:offset + num_layers]
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    else:
+        from mrl.parallel.cpu import SequenceParallelTorchNorm
+
+        norm = SequenceParallelTorchNorm
+    return TransformerBlockSubmodules(layer_specs=[specs[kind] for kind in pattern], layer_norm=norm)
 
 
 def _replace_torch_norms(spec, norm):
@@ -173,6 +229,7 @@ def build_model(model: ModelConfig, precision: PrecisionConfig, layout: Parallel
 
     use_te = uses_transformer_engine(model, device)
     check_precision_support(precision, device, use_te)
+    check_expert_divisibility(layout.config, num_experts=model.num_experts, world_size=layout.world_size)
     config = transformer_config(model, precision, layout, device)
     chunks = []
     for index in range(layout.vpp or 1):

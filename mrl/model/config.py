@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from mrl.config.checks import require_positive_ints
+from mrl.config.checks import require_optional_positive_ints, require_positive_ints
 
 
 @dataclass
@@ -93,6 +93,77 @@ class ModelConfig:
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer implementation: 'auto' uses Transformer Engine when present on a GPU, else local layers."""
 
+    # ---- Mixture of Experts (Megatron-Core MoE layers; null num_experts: a dense model) ----
+
+    num_experts: Optional[int] = None
+    """Routed experts per MoE layer; None builds a dense model and every other moe_* field is ignored."""
+
+    moe_topk: int = 2
+    """Experts each token is routed to."""
+
+    moe_ffn_hidden_size: Optional[int] = None
+    """Inner width of each routed expert's MLP; None means ffn_hidden_size (4·hidden_size)."""
+
+    moe_shared_expert_size: Optional[int] = None
+    """Inner width of the shared expert MLP every token passes through (the sum over several shared
+    experts); None: no shared expert."""
+
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(w·h) (Qwen2/Qwen3-MoE style); needs moe_shared_expert_size."""
+
+    moe_layer_freq: Union[int, list[int]] = 1
+    """Which layers are MoE layers: N makes every N-th layer (0, N, 2N, ...) one, a list of num_layers
+    0/1 entries gives the pattern (1: MoE, 0: dense MLP of ffn_hidden_size)."""
+
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function over the experts' logits."""
+
+    moe_router_pre_softmax: bool = False
+    """Apply the score function before top-k selection (top-k weights then do not sum to 1, Mixtral
+    and Qwen3-MoE without normalisation); False applies softmax over the selected k logits only.
+    Needed with moe_topk=1 and softmax."""
+
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Multiply the top-k routing weights by this factor; None: no scaling."""
+
+    moe_router_dtype: Optional[Literal["fp32", "fp64"]] = "fp32"
+    """Precision of the router logits and of the weighted sum of expert outputs; None: the model dtype."""
+
+    moe_load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    """Load-balancing auxiliary loss: 'aux_loss' (Switch/GShard, per micro-batch), 'seq_aux_loss'
+    (DeepSeek-V2/V3, per sequence) or 'none'."""
+
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the load-balancing loss (1e-2 is a common start; 0 disables it)."""
+
+    moe_z_loss_coeff: float = 0.0
+    """Coefficient of the router z-loss mean(logsumexp(router logits)²) (1e-3 is a common start; 0 disables it)."""
+
+    moe_capacity_factor: Optional[float] = None
+    """None: drop-less routing (every routed token reaches its experts). A factor c > 0 caps each expert
+    at c·tokens·topk/num_experts tokens per micro-batch and drops the rest (needs moe_load_balancing aux_loss)."""
+
+    moe_token_drop_policy: Literal["probs", "position"] = "probs"
+    """With moe_capacity_factor: drop the tokens with the lowest routing weight, or the latest positions."""
+
+    moe_pad_expert_input_to_capacity: bool = False
+    """With moe_capacity_factor: pad every expert's input to its capacity (fixed shapes)."""
+
+    moe_expert_bias: bool = False
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for top-k selection
+    only, nudged after each step towards equal load; needs moe_router_score_function sigmoid."""
+
+    moe_expert_bias_update_rate: float = 1e-3
+    """With moe_expert_bias: the step size of the bias update."""
+
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach the experts of other expert-parallel ranks: all-to-all of the routed tokens, or an
+    all-gather of every token followed by local selection."""
+
+    moe_routing_replay: bool = False
+    """Record each token's top-k experts, per layer, in the old-policy log-prob pass and replay them in the
+    training passes of the same rollout, so a strictly on-policy step has ratio exactly 1."""
+
     def __post_init__(self) -> None:
         require_positive_ints(self, "model", ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                                               "max_sequence_length", "make_vocab_size_divisible_by",
@@ -115,6 +186,7 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        _check_moe(self)
 
     def padded_vocab_size(self, tp: int) -> int:
         """Megatron's padded vocabulary: the next multiple of make_vocab_size_divisible_by·tp."""
@@ -124,6 +196,74 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def moe_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_size
+
+    def moe_layer_pattern(self) -> list[int]:
+        """1 for each MoE layer, 0 for each dense layer (all 0 for a dense model)."""
+        if not self.is_moe:
+            return [0] * self.num_layers
+        if isinstance(self.moe_layer_freq, int):
+            return [int(i % self.moe_layer_freq == 0) for i in range(self.num_layers)]
+        return list(self.moe_layer_freq)
+
+
+def _check_moe(model: ModelConfig) -> None:
+    """Validate the MoE fields; ``ValueError`` names each offending field."""
+    if model.num_experts is None:
+        return
+    require_positive_ints(model, "model", ("num_experts", "moe_topk"))
+    require_optional_positive_ints(model, "model", ("moe_ffn_hidden_size", "moe_shared_expert_size"))
+    if model.moe_topk > model.num_experts:
+        raise ValueError(f"model.moe_topk={model.moe_topk} exceeds model.num_experts={model.num_experts}")
+    freq = model.moe_layer_freq
+    if isinstance(freq, bool) or not isinstance(freq, (int, list)):
+        raise ValueError(f"model.moe_layer_freq must be a positive integer or a list of 0/1, got {freq!r}")
+    if isinstance(freq, int) and freq < 1:
+        raise ValueError(f"model.moe_layer_freq must be a positive integer or a list of 0/1, got {freq!r}")
+    if isinstance(freq, list):
+        if len(freq) != model.num_layers or any(v not in (0, 1) or isinstance(v, bool) for v in freq):
+            raise ValueError(
+                f"model.moe_layer_freq as a list needs model.num_layers={model.num_layers} entries of 0 or 1, "
+                f"got {freq!r}")
+        if not any(freq):
+            raise ValueError("model.moe_layer_freq has no MoE layer (no 1); set model.num_experts: null for a dense model")
+    if model.moe_shared_expert_gate and model.moe_shared_expert_size is None:
+        raise ValueError("model.moe_shared_expert_gate needs model.moe_shared_expert_size")
+    if model.moe_topk == 1 and model.moe_router_score_function == "softmax" and not model.moe_router_pre_softmax:
+        raise ValueError(
+            "model.moe_topk=1 with moe_router_score_function softmax needs model.moe_router_pre_softmax=true "
+            "(a softmax over one selected logit is constant and gives the router no gradient)")
+    for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_bias_update_rate"):
+        value = getattr(model, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
+    if model.moe_aux_loss_coeff > 0 and model.moe_load_balancing == "none":
+        raise ValueError("model.moe_aux_loss_coeff > 0 needs model.moe_load_balancing aux_loss or seq_aux_loss, got none")
+    if model.moe_router_topk_scaling_factor is not None and model.moe_router_topk_scaling_factor <= 0:
+        raise ValueError(
+            f"model.moe_router_topk_scaling_factor must be > 0 or null, got {model.moe_router_topk_scaling_factor!r}")
+    if model.moe_capacity_factor is not None:
+        if model.moe_capacity_factor <= 0:
+            raise ValueError(f"model.moe_capacity_factor must be > 0 or null (drop-less), got {model.moe_capacity_factor!r}")
+        if model.moe_load_balancing != "aux_loss":
+            raise ValueError(
+                f"model.moe_capacity_factor needs model.moe_load_balancing=aux_loss (Megatron-Core drops tokens only "
+                f"then), got {model.moe_load_balancing!r}")
+    elif model.moe_pad_expert_input_to_capacity:
+        raise ValueError("model.moe_pad_expert_input_to_capacity needs model.moe_capacity_factor")
+    if model.moe_expert_bias and model.moe_router_score_function != "sigmoid":
+        raise ValueError("model.moe_expert_bias needs model.moe_router_score_function=sigmoid (Megatron-Core's aux-loss-free balancing)")
+    if model.moe_routing_replay and model.moe_capacity_factor is not None:
+        raise ValueError("model.moe_routing_replay needs drop-less routing (model.moe_capacity_factor: null)")
+    if model.moe_routing_replay and model.recompute == "full":
+        raise ValueError("model.moe_routing_replay does not work with model.recompute=full (recomputed routers would not replay)")
 
 
 @dataclass

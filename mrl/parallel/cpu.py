@@ -9,6 +9,13 @@ code run on the CPU so that tests, CI and the CPU quick start drive the *real* M
 Scope, and nothing more:
 
 * ``torch.cuda.current_device()`` returns the CPU device and ``torch.cuda.synchronize()`` is a no-op.
+* ``torch.cuda.Stream``/``current_stream``/``stream`` are CPU streams whose waits and events are
+  no-ops (the MoE all-to-all token dispatcher copies its split sizes on a side stream), and that
+  dispatcher's device-to-host copy of the split sizes returns the numpy arrays it asks for (on CPU
+  the tensors are already on the host, so Megatron skipped the conversion and ``all_to_all_single``
+  refused the tensors).
+* ``all_gather`` / ``reduce_scatter`` of different-sized tensors (expert tensor parallelism gathers
+  each rank's routed tokens) go through padded collectives: gloo requires equal sizes.
 * A process-wide ``TorchFunctionMode`` maps ``device="cuda"``/``"cuda:N"``/int devices in torch
   calls to the CPU, makes ``Tensor.cuda()`` the identity, and makes ``Tensor.type()`` report the
   ``torch.cuda.*`` name that Megatron's optimizer white-lists expect.
@@ -30,6 +37,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from mrl.compat import require_tested_megatron
@@ -68,6 +76,47 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _uneven(tensors) -> bool:
+    return isinstance(tensors, (list, tuple)) and len({tuple(t.shape) for t in tensors}) > 1
+
+
+def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    out = tensor.new_zeros((rows, *tensor.shape[1:]))
+    out[: tensor.shape[0]] = tensor
+    return out
+
+
+def _gloo_all_gather(all_gather):
+    def gather(tensor_list, tensor, group=None, async_op=False):
+        """``all_gather`` that also takes different-sized outputs (gloo wants equal ones): pad, gather, trim."""
+        if not _uneven(tensor_list):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        if async_op:
+            raise NotImplementedError("an asynchronous all_gather of uneven tensors is not supported on CPU")
+        rows = max(t.shape[0] for t in tensor_list)
+        buffers = [tensor.new_empty((rows, *tensor.shape[1:])) for _ in tensor_list]
+        all_gather(buffers, _padded(tensor.contiguous(), rows), group=group)
+        for out, buffer in zip(tensor_list, buffers):
+            out.copy_(buffer[: out.shape[0]])
+
+    return gather
+
+
+def _gloo_reduce_scatter(reduce_scatter):
+    def scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        """``reduce_scatter`` that also takes different-sized inputs: all-reduce them padded, keep ours."""
+        if not _uneven(input_list):
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        if async_op:
+            raise NotImplementedError("an asynchronous reduce_scatter of uneven tensors is not supported on CPU")
+        rows = max(t.shape[0] for t in input_list)
+        stacked = torch.stack([_padded(t, rows) for t in input_list])
+        dist.all_reduce(stacked, op=op, group=group)
+        output.copy_(stacked[dist.get_rank(group)][: output.shape[0]])
+
+    return scatter
+
+
 def cpu_execution_enabled() -> bool:
     """True once ``enable_cpu_execution()`` has run in this process."""
     return _ACTIVE_MODE is not None
@@ -89,11 +138,64 @@ def enable_cpu_execution() -> None:
 
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _CPU_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+    dist.all_gather = _gloo_all_gather(dist.all_gather)
+    dist.reduce_scatter = _gloo_reduce_scatter(dist.reduce_scatter)
     mode = _CudaToCpuMode()
     mode.__enter__()
     _ACTIVE_MODE = mode
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``maybe_move_tensor_to_cpu`` for tensors already on the host: numpy when asked for."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+class _CpuEvent:
+    """A CUDA event stand-in: work on the CPU is already complete when it is recorded."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """A CUDA stream stand-in: CPU work runs in program order, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _CpuEvent:
+        return event or _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
 
 
 def _tracker_base():

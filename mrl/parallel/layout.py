@@ -44,13 +44,25 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence inside TP regions (needs tp > 1)."""
 
+    ep: int = 1
+    """Expert-parallel degree (MoE models): each MoE layer's experts are split over this many ranks,
+    which exchange tokens with model.moe_token_dispatcher. It divides the tp·cp·dp ranks of a stage
+    together with etp and does not change the data-parallel degree of the dense layers."""
+
+    etp: int | None = None
+    """Expert tensor-parallel degree: each expert's MLP is split over this many ranks; None means tp
+    (Megatron's default)."""
+
     timeout_minutes: float = 30.0
     """Timeout of every collective (process-group creation included): a rank that waits longer raises
     instead of hanging. Raise it when checkpoint saves or evaluation stall some ranks for long."""
 
     def __post_init__(self) -> None:
-        require_positive_ints(self, "parallel", ("tp", "pp", "cp"))
-        require_optional_positive_ints(self, "parallel", ("dp", "vpp"))
+        require_positive_ints(self, "parallel", ("tp", "pp", "cp", "ep"))
+        require_optional_positive_ints(self, "parallel", ("dp", "vpp", "etp"))
+        if self.ep > 1 and self.cp > 1:
+            raise ValueError(f"parallel.ep={self.ep} with parallel.cp={self.cp} is not supported (expert "
+                             "parallelism with context parallelism is untested in mrl)")
         if self.vpp is not None:
             if self.pp < 2:
                 raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2, got pp={self.pp}")
@@ -59,6 +71,11 @@ class ParallelConfig:
             raise ValueError(f"parallel.timeout_minutes must be > 0, got {self.timeout_minutes!r}")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp > 1, got tp=1")
+
+    @property
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel degree (etp, or tp when etp is null)."""
+        return self.tp if self.etp is None else self.etp
 
     def model_parallel_size(self) -> int:
         """Ranks that hold one replica of the model: tp·pp·cp."""
@@ -84,6 +101,29 @@ class ParallelConfig:
     def world_size(self) -> int | None:
         """The number of ranks this layout needs, when dp is given."""
         return None if self.dp is None else self.model_parallel_size() * self.dp
+
+
+def check_expert_divisibility(config: ParallelConfig, *, num_experts: int | None, world_size: int,
+                              sequence_parallel_needed: bool = True) -> None:
+    """Raise ``ValueError`` naming the numbers when the experts do not split over the layout."""
+    etp = config.expert_tp
+    if num_experts is None:
+        if config.ep > 1 or config.etp is not None:
+            raise ValueError(f"parallel.ep={config.ep} / parallel.etp={config.etp} need a MoE model "
+                             "(model.num_experts); a dense model has no experts to split")
+        return
+    if num_experts % config.ep != 0:
+        raise ValueError(f"model.num_experts={num_experts} is not divisible by expert-parallel degree "
+                         f"parallel.ep={config.ep}")
+    stage_ranks = world_size // config.pp
+    if stage_ranks % (config.ep * etp) != 0:
+        raise ValueError(
+            f"parallel.ep={config.ep} × expert tensor parallel etp={etp} = {config.ep * etp} does not divide "
+            f"the {stage_ranks} ranks of a pipeline stage (world size {world_size} / pp={config.pp})")
+    if sequence_parallel_needed and config.tp > 1 and not config.sequence_parallel:
+        raise ValueError(
+            f"a MoE model with parallel.tp={config.tp} needs parallel.sequence_parallel=true (Megatron-Core's "
+            "MoE layer refuses tensor parallelism without sequence parallelism in training)")
 
 
 def check_model_divisibility(
@@ -133,6 +173,7 @@ class ParallelLayout:
         self.tp, self.pp, self.cp = config.tp, config.pp, config.cp
         self.vpp = config.vpp
         self.dp = config.data_parallel_size(world_size)
+        self.ep, self.etp = config.ep, config.expert_tp
         self.groups = groups  # megatron.core.process_groups_config.ProcessGroupCollection
 
     @classmethod
@@ -154,6 +195,8 @@ class ParallelLayout:
             pipeline_model_parallel_size=config.pp,
             virtual_pipeline_model_parallel_size=config.vpp,
             context_parallel_size=config.cp,
+            expert_model_parallel_size=config.ep,
+            expert_tensor_parallel_size=config.expert_tp,
             distributed_timeout_minutes=max(1, math.ceil(timeout_minutes or config.timeout_minutes)),
             # On gloo every group already is a gloo group; duplicates would only cost sockets.
             create_gloo_process_groups=dist.get_backend() != "gloo",
@@ -184,6 +227,29 @@ class ParallelLayout:
     def dp_cp_group(self):
         """Data- and context-parallel group: the group gradients are reduced over."""
         return self.groups.dp_cp
+
+    @property
+    def ep_group(self):
+        """Expert-parallel group (the ranks whose experts together make one MoE layer)."""
+        return self.groups.ep
+
+    @property
+    def expert_tp_group(self):
+        """Expert tensor-parallel group (the ranks one expert's MLP is split over)."""
+        return self.groups.expt_tp
+
+    @property
+    def expert_dp_group(self):
+        """Expert data-parallel group: the group expert gradients are reduced over."""
+        return self.groups.expt_dp
+
+    @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(self.groups.ep)
+
+    @property
+    def etp_rank(self) -> int:
+        return dist.get_rank(self.groups.expt_tp)
 
     @property
     def tp_rank(self) -> int:
@@ -217,7 +283,7 @@ class ParallelLayout:
     def describe(self) -> str:
         return (
             f"world={self.world_size} tp={self.tp} pp={self.pp} vpp={self.vpp} cp={self.cp} "
-            f"dp={self.dp} sp={self.config.sequence_parallel}"
+            f"dp={self.dp} sp={self.config.sequence_parallel} ep={self.ep} etp={self.etp}"
         )
 
     # RNG and teardown -------------------------------------------------------------------------
@@ -227,7 +293,7 @@ class ParallelLayout:
         from mrl.parallel.cpu import cpu_execution_enabled, cpu_model_parallel_seed
 
         if cpu_execution_enabled():
-            cpu_model_parallel_seed(seed, tp_rank=self.tp_rank)
+            cpu_model_parallel_seed(seed, tp_rank=self.tp_rank, ep_rank=self.ep_rank, etp_rank=self.etp_rank)
         else:
             from megatron.core import tensor_parallel
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mrl.data.collate import packed_attention_mask
+from mrl.model.moe import RouterLosses
 from mrl.parallel.layout import ParallelLayout
 
 
@@ -103,6 +104,8 @@ class TrainStep:
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
         self.consecutive_bad = 0
         self.skipped_total = 0
+        # MoE: the routers' aux/z losses join the backward with the step's global normalisation.
+        self.router_losses = RouterLosses.for_chunks(chunks, layout)
 
     def __call__(self, micro_batches: list[dict], counts) -> StepResult:
         for chunk in self.chunks:
@@ -118,10 +121,19 @@ class TrainStep:
             metrics.add(step_metrics)
             return loss, torch.zeros((), dtype=torch.int), {}
 
-        run_schedule(self.chunks, micro_batches, loss_func, forward_only=False,
-                     seq_length=micro_batches[0]["tokens"].shape[1])
+        if self.router_losses is not None:
+            self.router_losses.begin_step(micro_batches)
+        try:
+            run_schedule(self.chunks, micro_batches, loss_func, forward_only=False,
+                         seq_length=micro_batches[0]["tokens"].shape[1])
+        except BaseException:
+            if self.router_losses is not None:
+                self.router_losses.restore()
+            raise
+        router_metrics = self.router_losses.end_step() if self.router_losses is not None else {}
         loss = self._global_loss(loss_total)
         reduced = metrics.reduce(self.layout.dp_group) if self.layout.is_last_stage else {}
+        reduced.update(router_metrics)
         return self._guarded_update(loss, reduced)
 
     def _global_loss(self, local: torch.Tensor) -> float:

@@ -1,0 +1,149 @@
+"""Mixture-of-Experts models with expert parallelism on 4 gloo ranks.
+
+Real Megatron-Core MoE layers (top-k router, sequential expert MLPs, all-to-all / all-gather token
+dispatchers over gloo) inside mrl's trainer: the curves of the tiny MoE SFT recipe must be the same at
+every expert/tensor/pipeline layout, the router losses must equal a float64 reference, and
+checkpoints must resume and reshard across expert-parallel degrees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.test_trainer import _assert_same_curve, _trainer
+
+MOE = "configs/sft-tiny-moe-cpu.yaml"
+SHORT = ["train.steps=3", "train.global_batch_size=16", "train.micro_batch_size=4", "scheduler.warmup_steps=1",
+         "log.progress=false"]
+
+LAYOUTS = {
+    "ep2": ["parallel.ep=2"],
+    "ep4": ["parallel.ep=4"],
+    "ep2-allgather": ["parallel.ep=2", "model.moe_token_dispatcher=allgather"],
+    "tp2ep2-sp": ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"],
+    "tp2etp1ep2-sp": ["parallel.tp=2", "parallel.etp=1", "parallel.ep=2", "parallel.sequence_parallel=true"],
+    "pp2ep2": ["parallel.pp=2", "parallel.ep=2"],
+}
+
+
+def case_moe_curve(overrides: list[str], output_dir: str) -> dict:
+    trainer = _trainer(MOE, overrides, output_dir)
+    results = trainer.train()
+    return {"curve": [(r.loss, r.grad_norm) for r in results],
+            "aux": [r.metrics.get("moe_aux_loss") for r in results],
+            "z": [r.metrics.get("moe_z_loss") for r in results]}
+
+
+@pytest.fixture(scope="module")
+def moe_reference(ranks4, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe-ref")
+    ref = ranks4.run(case_moe_curve, [*SHORT, "parallel.ep=1"], str(out))[0]
+    assert len(ref["curve"]) == 3 and all(math.isfinite(loss) for loss, _ in ref["curve"])
+    assert ref["curve"][-1][0] < ref["curve"][0][0]  # it learns
+    assert all(a is not None and a > 0 for a in ref["aux"]) and all(z is not None and z > 0 for z in ref["z"])
+    return ref
+
+
+def _max_rel(values, reference) -> float:
+    return max(abs(v - r) / abs(r) for v, r in zip(values, reference))
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_moe_curve_is_layout_invariant(ranks4, moe_reference, tmp_path, name):
+    results = ranks4.run(case_moe_curve, [*SHORT, *LAYOUTS[name]], str(tmp_path))
+    for result in results:  # every rank reports the same global values
+        _assert_same_curve(result["curve"], moe_reference["curve"])
+        assert _max_rel(result["aux"], moe_reference["aux"]) <= 1e-5
+        assert _max_rel(result["z"], moe_reference["z"]) <= 1e-5
+    print(name, "max rel loss", _max_rel([c[0] for c in results[-1]["curve"]], [c[0] for c in moe_reference["curve"]]),
+          "grad", _max_rel([c[1] for c in results[-1]["curve"]], [c[1] for c in moe_reference["curve"]]),
+          "aux", _max_rel(results[-1]["aux"], moe_reference["aux"]))
+
+
+def case_router_losses_against_float64(overrides: list[str], output_dir: str) -> dict:
+    """One training step; each router's inputs and weight are captured and its losses recomputed in float64."""
+    from mrl.model.moe import moe_routers
+
+    trainer = _trainer(MOE, overrides, output_dir)
+    topk, num_experts = trainer.cfg.model.moe_topk, trainer.cfg.model.num_experts
+    aux, z = [], []
+
+    def capture(router, args):
+        x = args[0].detach().double().reshape(-1, args[0].shape[-1])  # [T, H]
+        logits = x @ router.weight.detach().double().t()  # [T, E]
+        scores = torch.softmax(logits, dim=-1)
+        chosen = torch.zeros_like(scores).scatter(1, scores.topk(topk, dim=1).indices, 1.0)
+        tokens = x.shape[0]
+        # Switch load balancing: E · Σ_i f_i P_i, f_i = count_i / (T k), P_i = Σ_x p_i(x) / T
+        aux.append(float(num_experts * (chosen.sum(0) / (tokens * topk) * scores.sum(0) / tokens).sum()))
+        z.append(float((torch.logsumexp(logits, dim=-1) ** 2).mean()))
+
+    handles = [router.register_forward_pre_hook(capture) for router in moe_routers(trainer.model)]
+    result = trainer.train_one_step()
+    for handle in handles:
+        handle.remove()
+    return {"aux": result.metrics["moe_aux_loss"], "z": result.metrics["moe_z_loss"], "ref_aux": sum(aux),
+            "ref_z": sum(z), "terms": len(aux)}
+
+
+def test_router_losses_equal_a_float64_reference(ranks4, tmp_path):
+    """Drop-less top-2 softmax routing at TP1 × DP4 (every rank routes whole micro-batches)."""
+    results = ranks4.run(case_router_losses_against_float64, [*SHORT, "parallel.ep=2"], str(tmp_path))
+    terms = sum(r["terms"] for r in results)  # (micro-batches) × (MoE layers)
+    ref_aux, ref_z = sum(r["ref_aux"] for r in results) / terms, sum(r["ref_z"] for r in results) / terms
+    for r in results:
+        assert abs(r["aux"] - ref_aux) <= 1e-6 * ref_aux, (r["aux"], ref_aux)
+        assert abs(r["z"] - ref_z) <= 1e-6 * ref_z, (r["z"], ref_z)
+    print("aux", results[0]["aux"], ref_aux, "z", results[0]["z"], ref_z)
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, message", [
+    ({"moe_topk": 5}, "model.moe_topk=5 exceeds model.num_experts=4"),
+    ({"moe_topk": 1}, "model.moe_topk=1 with moe_router_score_function softmax needs model.moe_router_pre_softmax=true"),
+    ({"moe_layer_freq": [1, 0]}, "model.moe_layer_freq as a list needs model.num_layers=4 entries of 0 or 1"),
+    ({"moe_layer_freq": [0, 0, 0, 0]}, "model.moe_layer_freq has no MoE layer"),
+    ({"moe_shared_expert_gate": True}, "model.moe_shared_expert_gate needs model.moe_shared_expert_size"),
+    ({"moe_expert_bias": True}, "model.moe_expert_bias needs model.moe_router_score_function=sigmoid"),
+    ({"moe_capacity_factor": 1.0, "moe_load_balancing": "seq_aux_loss"},
+     "model.moe_capacity_factor needs model.moe_load_balancing=aux_loss"),
+    ({"moe_pad_expert_input_to_capacity": True}, "model.moe_pad_expert_input_to_capacity needs model.moe_capacity_factor"),
+    ({"moe_aux_loss_coeff": 0.01, "moe_load_balancing": "none"}, "model.moe_aux_loss_coeff > 0 needs"),
+    ({"moe_z_loss_coeff": -1.0}, "model.moe_z_loss_coeff must be a number >= 0"),
+    ({"moe_routing_replay": True, "moe_capacity_factor": 1.0}, "model.moe_routing_replay needs drop-less routing"),
+    ({"moe_routing_replay": True, "recompute": "full"}, "model.moe_routing_replay does not work with model.recompute=full"),
+])
+def test_moe_fields_are_validated(fields, message):
+    from mrl.model.config import ModelConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        ModelConfig(num_layers=4, num_experts=4, **fields)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.ep=3"], "model.num_experts=4 is not divisible by expert-parallel degree parallel.ep=3"),
+    (["parallel.ep=4", "parallel.etp=2"], "parallel.ep=4 × expert tensor parallel etp=2 = 8 does not divide the 4 ranks"),
+    (["parallel.pp=2", "parallel.ep=4"], "parallel.ep=4 × expert tensor parallel etp=1 = 4 does not divide the 2 ranks"),
+    (["parallel.tp=2", "parallel.ep=2"], "needs parallel.sequence_parallel=true"),
+    (["model.num_experts=null"], r"parallel.ep=2 / parallel.etp=None need a MoE model"),
+    (["parallel.cp=2", "parallel.tp=1"], "parallel.ep=2 with parallel.cp=2 is not supported"),
+])
+def test_expert_layouts_are_validated(overrides, message):
+    from mrl.config import load_config
+    from mrl.config.job import JobConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(MOE, JobConfig, overrides).validate(4)
+
+
+def test_dense_layouts_refuse_expert_degrees():
+    from mrl.config import load_config
+    from mrl.config.job import JobConfig
+
+    with pytest.raises(ValueError, match="parallel.ep=1 / parallel.etp=1 need a MoE model"):
+        load_config("configs/sft-tiny-cpu.yaml", JobConfig, ["parallel.etp=1"]).validate(4)
+    load_config(MOE, JobConfig, []).validate(4)
