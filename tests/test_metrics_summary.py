@@ -16,3 +16,10 @@ def test_summary_names_the_steps_tokens_and_the_best_values(tmp_path):
     first, second = log.summary()
     assert first.startswith("trained steps 5-8 of 10 in 0:00:0") and "(6k tokens, " in first
     assert second == "final: loss 1.7, reward_mean 0.2 | best: loss 1.5 (step 6), reward_mean 0.4 (step 6)"
+
+
+def test_the_eta_counts_the_first_step_too(tmp_path, capsys):
+    log = MetricsLog(tmp_path, enabled=True, total_steps=101, progress=True)
+    log.write({"step": 1, "loss": 1.0, "step_time_s": 36.0, "num_tokens": 10})
+    line = capsys.readouterr().out.rstrip()
+    assert line.rsplit("eta ", 1)[1].startswith("1:00:0"), line  # 100 steps left at 36 s each (was 0:00:00)

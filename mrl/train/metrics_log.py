@@ -50,8 +50,10 @@ class MetricsLog:
         if not self.enabled:
             return
         step = record["step"]
-        if self._start_step is None:
-            self._start_step, self._start = step - 1, time.monotonic()
+        if self._start_step is None:  # the clock starts when this first step did (ETA right from step 1)
+            step_time = record.get("step_time_s")
+            self._start_step = step - 1
+            self._start = time.monotonic() - (step_time if isinstance(step_time, (int, float)) else 0.0)
         clean = {key: _jsonable(value) for key, value in record.items()}
         self._track(clean)
         self.path.parent.mkdir(parents=True, exist_ok=True)
