@@ -100,6 +100,53 @@ def test_router_losses_equal_a_float64_reference(ranks4, tmp_path):
     print("aux", results[0]["aux"], ref_aux, "z", results[0]["z"], ref_z)
 
 
+MOE_MODEL = ["model.num_experts=4", "model.moe_ffn_hidden_size=128", "model.moe_aux_loss_coeff=0.01",
+             "model.moe_z_loss_coeff=0.001"]
+
+
+def case_recipe_curve(recipe: str, overrides: list[str], output_dir: str) -> dict:
+    trainer = _trainer(recipe, overrides, output_dir)
+    results = trainer.train()
+    return {"curve": [(r.loss, r.grad_norm) for r in results], "aux": [r.metrics.get("moe_aux_loss", 0.0) for r in results]}
+
+
+@pytest.mark.parametrize("recipe", ["configs/dpo-tiny-cpu.yaml", "configs/offline-grpo-tiny-cpu.yaml"])
+def test_router_losses_join_every_algorithm_layout_invariantly(ranks4, tmp_path, recipe):
+    """DPO (with a frozen MoE reference) and offline GRPO (KL to the reference) on MoE models: the
+    router losses are part of the gradient, normalised the same way at every layout."""
+    base = [*MOE_MODEL, "train.steps=2", "train.global_batch_size=16", "train.micro_batch_size=4",
+            "scheduler.warmup_steps=1", "log.progress=false"]
+    reference = ranks4.run(case_recipe_curve, recipe, [*base, "parallel.tp=1", "parallel.pp=1"], str(tmp_path / "a"))[0]
+    assert all(math.isfinite(loss) for loss, _ in reference["curve"]) and all(a > 0 for a in reference["aux"])
+    result = ranks4.run(case_recipe_curve, recipe, [*base, "parallel.tp=2", "parallel.pp=1", "parallel.ep=2",
+                                                    "parallel.sequence_parallel=true"], str(tmp_path / "b"))[-1]
+    _assert_same_curve(result["curve"], reference["curve"])
+    assert _max_rel(result["aux"], reference["aux"]) <= 1e-5
+    # Without router losses the gradient differs: they are really part of it.
+    plain = ranks4.run(case_recipe_curve, recipe, [*base, "parallel.tp=1", "parallel.pp=1",
+                                                   "model.moe_aux_loss_coeff=0", "model.moe_z_loss_coeff=0",
+                                                   "model.moe_load_balancing=none"], str(tmp_path / "c"))[0]
+    assert abs(plain["curve"][0][1] - reference["curve"][0][1]) > 1e-5 * reference["curve"][0][1]
+
+
+def case_logprob_pass_has_no_router_losses(overrides: list[str], output_dir: str) -> dict:
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from mrl.train.forward import annotate_logprobs
+
+    trainer = _trainer(MOE, overrides, output_dir)
+    batches, _ = trainer.next_batches()
+    tracker = get_moe_layer_wise_logging_tracker()
+    tracker.clear()
+    annotate_logprobs(trainer.model, batches, trainer.layout, key="logprobs", vocab_size=trainer.cfg.model.vocab_size)
+    return {"tracked": sorted(tracker), "training": all(chunk.training for chunk in trainer.model)}
+
+
+def test_logprob_passes_carry_no_router_losses(ranks4, tmp_path):
+    for r in ranks4.run(case_logprob_pass_has_no_router_losses, [*SHORT, "parallel.ep=2"], str(tmp_path)):
+        assert r == {"tracked": [], "training": True}
+
+
 # ---- validation --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, message", [
