@@ -174,7 +174,7 @@ def test_moe_fields_are_validated(fields, message):
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.ep=3"], "model.num_experts=4 is not divisible by expert-parallel degree parallel.ep=3"),
     (["parallel.ep=4", "parallel.etp=2"], "parallel.ep=4 × expert tensor parallel etp=2 = 8 does not divide the 4 ranks"),
-    (["parallel.pp=2", "parallel.ep=4"], "parallel.ep=4 × expert tensor parallel etp=1 = 4 does not divide the 2 ranks"),
+    (["parallel.pp=2", "parallel.ep=2"], "parallel.ep=4 × expert tensor parallel etp=1 = 4 does not divide the 2 ranks"),
     (["parallel.tp=2", "parallel.ep=2"], "needs parallel.sequence_parallel=true"),
     (["model.num_experts=null"], r"parallel.ep=2 / parallel.etp=None need a MoE model"),
     (["parallel.cp=2", "parallel.tp=1"], "parallel.ep=2 with parallel.cp=2 is not supported"),
@@ -194,3 +194,31 @@ def test_dense_layouts_refuse_expert_degrees():
     with pytest.raises(ValueError, match="parallel.ep=1 / parallel.etp=1 need a MoE model"):
         load_config("configs/sft-tiny-cpu.yaml", JobConfig, ["parallel.etp=1"]).validate(4)
     load_config(MOE, JobConfig, []).validate(4)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def test_moe_resume_is_bit_exact(ranks4, tmp_path):
+    steps4 = [*SHORT[1:], "train.steps=4", "parallel.ep=2", "parallel.pp=2"]
+    full = ranks4.run(case_moe_curve, steps4, str(tmp_path / "full"))[-1]
+    first = ranks4.run(case_moe_curve, [*steps4, "train.steps=2"], str(tmp_path / "split"))[-1]
+    resumed = ranks4.run(case_moe_curve, steps4, str(tmp_path / "split"))[-1]
+    assert first["curve"] == full["curve"][:2] and resumed["curve"] == full["curve"][2:]  # exact float equality
+    assert first["aux"] + resumed["aux"] == full["aux"]
+
+
+@pytest.mark.parametrize("saved, loaded", [
+    (["parallel.ep=2"], ["parallel.ep=1"]),
+    (["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"], ["parallel.pp=2", "parallel.ep=2"]),
+])
+def test_moe_checkpoint_reshards_across_expert_layouts(ranks4, tmp_path, saved, loaded):
+    base = [*SHORT[1:], "train.steps=2"]
+    ranks4.run(case_moe_curve, [*base, *saved], str(tmp_path / "run"))
+    continued = ranks4.run(case_moe_curve, [*base, "train.steps=3", *loaded], str(tmp_path / "run"))[-1]
+    reference = ranks4.run(case_moe_curve, [*base, "train.steps=3", *saved], str(tmp_path / "ref"))[-1]
+    assert len(continued["curve"]) == 1
+    _assert_same_curve(continued["curve"], reference["curve"][2:])
+    assert _max_rel(continued["aux"], reference["aux"][2:]) <= 1e-5
+    print("resharded", saved, "->", loaded, "loss rel",
+          _max_rel([c[0] for c in continued["curve"]], [c[0] for c in reference["curve"][2:]]),
+          "grad rel", _max_rel([c[1] for c in continued["curve"]], [c[1] for c in reference["curve"][2:]]))

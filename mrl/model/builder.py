@@ -255,10 +255,28 @@ def build_model(model: ModelConfig, precision: PrecisionConfig, layout: Parallel
         if device == "cuda":
             chunk = chunk.cuda(torch.cuda.current_device())
         layout_invariant_init_([chunk], seed, model.init_method_std, model.num_layers)
+        if model.is_moe:
+            _mark_expert_parameters(chunk)
         if precision.dtype != "fp32":
             chunk = Float16Module(config, chunk)
         chunks.append(chunk)
     return chunks
+
+
+def _mark_expert_parameters(chunk) -> None:
+    """Tag routed-expert parameters as expert-parallel at every EP degree, EP=1 included.
+
+    Megatron tags them only when ep > 1; the tag puts them in DDP's expert buffers (reduced over the
+    expert-data-parallel group, which is the data-parallel group at EP=1) and in an optimizer of their
+    own. Tagging them always keeps the optimizer a (dense, expert) pair, so its checkpoint has the same
+    structure at every EP degree and a checkpoint saved at EP=2 loads at EP=1.
+    """
+    from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, TEGroupedMLP
+
+    for module in chunk.modules():
+        if isinstance(module, (GroupedMLP, SequentialMLP, TEGroupedMLP)):
+            for param in module.parameters():
+                param.allreduce = False
 
 
 def freeze(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
