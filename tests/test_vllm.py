@@ -3,8 +3,10 @@
 The proof that a refit is complete: after every optimizer step, the engine's log-prob of each token
 it sampled equals the trainer's recomputed log-prob within 1e-5 (fp32), for every response token of
 every rollout (``mismatch_logprob_max``). A stale, missing or misnamed tensor shows up there. The
-prompts are longer than one KV block (32 tokens on CPU) and share a long prefix across steps, so a
-prefix cache that outlived a refit would show up too.
+engine's KV blocks hold 32 tokens (the smallest the CPU attention takes; its default is 128) and
+every prompt starts with the same 60-odd tokens, so every rollout after the first finds whole
+prompt blocks in the prefix cache: without the reset after each refit they would hold KV of the
+old weights (off by up to a nat here).
 
 Needs vLLM (``make venv-vllm``: the CPU build in .venv-vllm); skipped where it does not import.
 """
@@ -23,7 +25,7 @@ from tests.test_trainer import _trainer  # noqa: E402
 
 RECIPE = "configs/grpo-tiny-cpu.yaml"
 PREFIX = "Spell the word backwards, one letter after another, then stop. "
-BLOCK = 32  # vLLM's KV block on CPU (tokens)
+BLOCK = 32  # tokens per KV block of the engine (rollout.vllm.block_size)
 
 
 def _prompt_file(tmp_path: Path) -> str:
@@ -33,7 +35,7 @@ def _prompt_file(tmp_path: Path) -> str:
         for _ in range(64):
             word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
             handle.write(json.dumps({"prompt": f"{PREFIX}reverse {word}=", "answer": word[::-1]}) + "\n")
-    assert len(PREFIX.encode()) > BLOCK  # byte tokenizer: every prompt spans more than one block
+    assert len(PREFIX.encode()) > BLOCK  # byte tokenizer: a whole block of every prompt is shared
     return str(path)
 
 
@@ -41,7 +43,8 @@ def _overrides(tmp_path: Path, *extra: str) -> list[str]:
     return ["rollout.sft_warmup_steps=0", "train.steps=3", "train.global_batch_size=16",
             "train.micro_batch_size=4", "rollout.group_size=4", "rollout.max_new_tokens=6",
             "rollout.epochs=1", "log.progress=false", "precision.dtype=fp32", "optim.lr=1.0e-3",
-            "rollout.engine=vllm", "rollout.vllm.dtype=fp32", f"data.path={_prompt_file(tmp_path)}",
+            "rollout.engine=vllm", "rollout.vllm.dtype=fp32", f"rollout.vllm.block_size={BLOCK}",
+            f"data.path={_prompt_file(tmp_path)}",
             "data.seq_length=96", "model.max_sequence_length=96", *extra]
 
 
@@ -156,7 +159,7 @@ def case_start_fails(overrides: list[str], output_dir: str) -> dict:
 
 
 @pytest.mark.parametrize("setting, message", [
-    # vLLM's workers start, then refuse the KV block size (CPU attention needs multiples of 32)
+    # vLLM's workers start, then refuse the KV block size (CPU attention takes multiples of 32)
     ("rollout.vllm.block_size=8", "did not start"),
     ("rollout.vllm.start_timeout_s=2", "no engine within rollout.vllm.start_timeout_s=2"),
 ])
