@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import resource
-import socket
 import sys
 import time
 import warnings
@@ -33,15 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from bench_ranks import report_failure, run_ranks  # noqa: E402  (tools/, beside this file)
 
 
 def _loss(args, variant: str, h, w, labels, upstream, group):
@@ -116,41 +109,16 @@ def _gemm_rate(args, device, dtype) -> float:
     return 5 * 2 * a.shape[0] * a.shape[1] * b.shape[0] / (time.perf_counter() - started) / 1e12
 
 
-def _worker(rank: int, args, variant: str, port: int, results) -> None:
+def _worker(rank: int, port: int, results, args, variant: str) -> None:
     try:
         _measure(rank, args, variant, port, results)
     except BaseException:
-        import traceback
-
-        results.put(("error", rank, traceback.format_exc()))
+        report_failure(results, rank)
         raise
 
 
-def run_variant(args, variant: str):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, args, variant, port, results)) for rank in range(args.tp)]
-    for proc in procs:
-        proc.start()
-    try:
-        deadline = time.monotonic() + args.timeout
-        while True:
-            try:
-                outcome = results.get(timeout=1.0)
-                break
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"{variant}: a rank died (exit {dead}) or no result in {args.timeout:.0f} s")
-        if outcome[0] == "error":
-            raise RuntimeError(f"{variant}: rank {outcome[1]} failed:\n{outcome[2]}")
-        return outcome[1:]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+def run_variant(args, variant: str) -> tuple:
+    return run_ranks(_worker, args.tp, args, variant, timeout=args.timeout, what=variant)
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 import time
 import warnings
@@ -40,27 +39,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_ranks import report_failure, run_ranks  # noqa: E402  (tools/, beside this file)
 
 CPU_MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=259)
 CUDA_MODEL = dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=8, vocab_size=32000)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, args, variant: str, seq: int, port: int, results) -> None:
+def _worker(rank: int, port: int, results, args, variant: str, seq: int) -> None:
     try:
         _measure(rank, args, variant, seq, port, results)
     except BaseException:
-        import traceback
-
-        results.put(("error", rank, traceback.format_exc()))
+        report_failure(results, rank)
         raise
 
 
@@ -86,7 +78,7 @@ def _measure(rank: int, args, variant: str, seq: int, port: int, results) -> Non
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.tp)
     layout = ParallelLayout.initialize(ParallelConfig(tp=args.tp))
     layout.seed(1)
-    fields = CUDA_MODEL if cuda else CPU_MODEL
+    fields = args.model or (CUDA_MODEL if cuda else CPU_MODEL)
     model = ModelConfig(**fields, max_sequence_length=seq)
     precision = PrecisionConfig(dtype="bf16" if cuda else "fp32")
     chunks = build_model(model, precision, layout, args.device, seed=3)
@@ -160,40 +152,8 @@ def _measure_vllm(args, layout, model, precision, chunks, prompts, seq: int, res
         results.put(("ok", seconds, sum(len(c) for c in out.completions), 0, startup, refit_s, moved))
 
 
-def _wait(results, procs, timeout: float, what: str):
-    """The rank-0 result, or a ``RuntimeError`` as soon as a rank fails, dies or the time is up."""
-    import queue
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            outcome = results.get(timeout=1.0)
-        except queue.Empty:
-            dead = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"{what}: rank {dead[0][0]} died (exit code {dead[0][1]})") from None
-            continue
-        if outcome[0] == "error":
-            raise RuntimeError(f"{what}: rank {outcome[1]} failed:\n{outcome[2]}")
-        return outcome
-    raise RuntimeError(f"{what}: no result within {timeout:.0f} s")
-
-
-def run_variant(args, variant: str, seq: int) -> tuple[float, int, int]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, args, variant, seq, port, results)) for rank in range(args.tp)]
-    for proc in procs:
-        proc.start()
-    try:
-        outcome = _wait(results, procs, args.timeout, f"{variant} at S={seq}")
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    return outcome[1:]
+def run_variant(args, variant: str, seq: int) -> tuple:
+    return run_ranks(_worker, args.tp, args, variant, seq, timeout=args.timeout, what=f"{variant} at S={seq}")
 
 
 def main(argv=None) -> int:
@@ -206,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank (one is steadiest on a busy machine)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (the fastest counts)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per variant")
+    parser.add_argument("--model", type=json.loads, default=None,
+                        help='model fields as JSON, e.g. \'{"num_layers": 8, "hidden_size": 512, ...}\'')
     parser.add_argument("--vllm", action="store_true", help="also the vLLM engine (needs vLLM)")
     parser.add_argument("--engine-tp", type=int, default=1, help="tensor-parallel size of the vLLM engine")
     args = parser.parse_args(argv)
@@ -213,7 +175,7 @@ def main(argv=None) -> int:
         print("bench_rollout: --device cuda needs a CUDA GPU; none is visible", file=sys.stderr)
         return 2
     degrees = args.tp or ([1, 2] if args.device == "cpu" else [1])
-    model = CUDA_MODEL if args.device == "cuda" else CPU_MODEL
+    model = args.model or (CUDA_MODEL if args.device == "cuda" else CPU_MODEL)
     if args.device == "cuda" and max(degrees) > torch.cuda.device_count():
         print(f"bench_rollout: --tp {max(degrees)} needs that many GPUs; {torch.cuda.device_count()} visible",
               file=sys.stderr)

@@ -1,0 +1,63 @@
+"""Spawning a benchmark's ranks: fresh processes per variant, rank 0's result back, failures fast.
+
+``run_ranks(target, world_size, *args, timeout=..., what=...)`` starts ``world_size`` spawned
+processes running ``target(rank, port, results, *args)``; ``target`` sets up torch.distributed on
+``127.0.0.1:port`` and rank 0 puts one ``("ok", ...)`` tuple on ``results``. A rank that raises
+reports its traceback (``report_failure``), a rank that dies or a run past ``timeout`` raises
+``RuntimeError`` at once; every process is gone when it returns.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def report_failure(results, rank: int) -> None:
+    """Call from an ``except`` block in a rank: send its traceback to the parent."""
+    results.put(("error", rank, traceback.format_exc()))
+
+
+def run_ranks(target, world_size: int, *args, timeout: float, what: str) -> tuple:
+    """Rank 0's result (without its leading "ok") of ``target`` run on ``world_size`` fresh processes."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(rank, port, results, *args)) for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    try:
+        outcome = _wait(results, procs, timeout, what)
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return outcome[1:]
+
+
+def _wait(results, procs, timeout: float, what: str) -> tuple:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            outcome = results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"{what}: rank {dead[0][0]} died (exit code {dead[0][1]})") from None
+            continue
+        if outcome[0] == "error":
+            raise RuntimeError(f"{what}: rank {outcome[1]} failed:\n{outcome[2]}")
+        return outcome
+    raise RuntimeError(f"{what}: no result within {timeout:.0f} s")
