@@ -26,7 +26,6 @@ import os
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ranks import report_failure, run_ranks  # noqa: E402  (tools/, beside this file)
+from bench_ranks import init_rank, report_failure, run_ranks  # noqa: E402  (tools/, beside this file)
 
 
 def _loss(args, variant: str, h, w, labels, upstream, group):
@@ -52,14 +51,8 @@ def _loss(args, variant: str, h, w, labels, upstream, group):
 
 
 def _measure(rank: int, args, variant: str, port: int, results) -> None:
-    warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_rank(rank, port, args.tp, args.device, max(1, (os.cpu_count() or 1) // args.tp), cpu_execution=False)
     cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.tp)
     group = dist.new_group(list(range(args.tp))) if args.tp > 1 else None
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -61,3 +61,25 @@ def _wait(results, procs, timeout: float, what: str) -> tuple:
             raise RuntimeError(f"{what}: rank {outcome[1]} failed:\n{outcome[2]}")
         return outcome
     raise RuntimeError(f"{what}: no result within {timeout:.0f} s")
+
+
+def init_rank(rank: int, port: int, world_size: int, device: str, threads: int, *, cpu_execution: bool) -> None:
+    """This rank's torch.distributed group (NCCL on ``cuda``, gloo otherwise) on 127.0.0.1:``port``;
+    on CPU ``threads`` threads and, with ``cpu_execution``, Megatron-Core's CPU execution layer."""
+    import os
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    else:
+        if cpu_execution:
+            from mrl.parallel.cpu import enable_cpu_execution
+
+            enable_cpu_execution()
+        torch.set_num_threads(threads)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)

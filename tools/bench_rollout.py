@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +40,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ranks import report_failure, run_ranks  # noqa: E402  (tools/, beside this file)
+from bench_ranks import init_rank, report_failure, run_ranks  # noqa: E402  (tools/, beside this file)
 
 CPU_MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=259)
 CUDA_MODEL = dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=8, vocab_size=32000)
@@ -57,8 +55,6 @@ def _worker(rank: int, port: int, results, args, variant: str, seq: int) -> None
 
 
 def _measure(rank: int, args, variant: str, seq: int, port: int, results) -> None:
-    warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from mrl.model.builder import build_model
     from mrl.model.config import ModelConfig, PrecisionConfig
     from mrl.model.decoding import KVCacheDecoder
@@ -67,15 +63,8 @@ def _measure(rank: int, args, variant: str, seq: int, port: int, results) -> Non
     from mrl.rl.sampler import PolicySampler
     from tests.reference_decoding import FullForwardDecoder
 
+    init_rank(rank, port, args.tp, args.device, args.threads, cpu_execution=True)
     cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
-        from mrl.parallel.cpu import enable_cpu_execution
-
-        enable_cpu_execution()
-        torch.set_num_threads(args.threads)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.tp)
     layout = ParallelLayout.initialize(ParallelConfig(tp=args.tp))
     layout.seed(1)
     fields = args.model or (CUDA_MODEL if cuda else CPU_MODEL)
