@@ -222,3 +222,47 @@ def test_moe_checkpoint_reshards_across_expert_layouts(ranks4, tmp_path, saved, 
     print("resharded", saved, "->", loaded, "loss rel",
           _max_rel([c[0] for c in continued["curve"]], [c[0] for c in reference["curve"][2:]]),
           "grad rel", _max_rel([c[1] for c in continued["curve"]], [c[1] for c in reference["curve"][2:]]))
+
+
+# ---- routing replay ----------------------------------------------------------------------------
+
+REPLAY = ["model.num_experts=4", "model.moe_ffn_hidden_size=128", "model.moe_router_score_function=sigmoid",
+          "model.moe_expert_bias=true", "train.steps=1", "train.global_batch_size=16", "train.micro_batch_size=4",
+          "log.progress=false"]
+
+
+def case_on_policy_ratio(overrides: list[str], output_dir: str) -> dict:
+    """An on-policy GRPO step whose router picks differently from the old-policy pass.
+
+    Between the old-policy log-prob pass and the training pass only the routers' expert bias moves (as
+    aux-loss-free balancing moves it after every step, or as a rollout engine's router picks other
+    experts): it decides which experts a token goes to, never the gate weights of the chosen ones, so
+    every other number of the two passes is identical. Returns the step's ratio statistics.
+    """
+    from mrl.losses.base import compute_global_counts
+    from mrl.model.moe import ROUTING_KEY, moe_routers
+
+    trainer = _trainer("configs/offline-grpo-tiny-cpu.yaml", overrides, output_dir)
+    batches, _ = trainer.next_batches()
+    trainer.prepare(batches)  # old-policy log-probs (and, with replay, the recorded routing)
+    recorded = ROUTING_KEY in batches[0]
+    generator = torch.Generator().manual_seed(7)
+    for router in moe_routers(trainer.model):
+        router.expert_bias.add_(0.05 * torch.randn(router.expert_bias.shape, generator=generator))
+    counts = compute_global_counts(batches, trainer.layout.dp_group)
+    metrics = trainer.train_step(batches, counts).metrics
+    return {"recorded": recorded, **{k: metrics.get(k) for k in ("ratio_mean", "ratio_min", "ratio_max")}}
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=1", "parallel.pp=1", "parallel.ep=2"],
+                                    ["parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.sequence_parallel=true"]])
+def test_routing_replay_gives_ratio_one_on_policy(ranks4, tmp_path, layout):
+    replayed = ranks4.run(case_on_policy_ratio, [*REPLAY, *layout, "model.moe_routing_replay=true"], str(tmp_path / "a"))
+    free = ranks4.run(case_on_policy_ratio, [*REPLAY, *layout], str(tmp_path / "b"))
+    last = len(replayed) - 1  # the loss metrics live on the last stage
+    assert replayed[last]["recorded"] and not free[last]["recorded"]
+    assert replayed[last]["ratio_min"] == 1.0 and replayed[last]["ratio_max"] == 1.0
+    assert replayed[last]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # an fp32 mean of exact ones
+    deviation = max(abs(free[last]["ratio_max"] - 1.0), abs(free[last]["ratio_min"] - 1.0))
+    assert deviation > 1e-3, free[last]  # without replay the re-routed tokens change their log-probs
+    print("replay", replayed[last], "no replay", free[last])

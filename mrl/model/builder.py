@@ -281,6 +281,9 @@ def _mark_expert_parameters(chunk) -> None:
 
 def freeze(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
     """Make model chunks a frozen reference: eval mode, no gradients, no optimizer state."""
+    from mrl.model.moe import disable_routing_replay
+
+    disable_routing_replay(chunks)
     for chunk in chunks:
         chunk.eval()
         for param in chunk.parameters():

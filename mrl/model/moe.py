@@ -113,3 +113,67 @@ class RouterLosses:
         """The router losses' share of the step's objective (coefficients times the metrics, summed over layers)."""
         return self.num_moe_layers * (self.aux_coeff * metrics.get("moe_aux_loss", 0.0)
                                       + (self.z_coeff or 0.0) * metrics.get("moe_z_loss", 0.0))
+
+
+# ---- routing replay ---------------------------------------------------------------------------
+
+ROUTING_KEY = "moe_routing"
+"""Batch key of the recorded routing: ``{layer number: [local tokens, topk] expert indices}``."""
+
+
+def replay_routers(model) -> list:
+    """The routers of ``model`` (one chunk) that can record and replay (``model.moe_routing_replay``)."""
+    return [router for router in moe_routers([model]) if getattr(router, "router_replay", None) is not None]
+
+
+def disable_routing_replay(chunks) -> None:
+    """Frozen models (references) never record or replay routing."""
+    for chunk in chunks:
+        for router in moe_routers([chunk]):
+            router.router_replay = None
+
+
+class RoutingReplay:
+    """Record each token's top-k experts in one pass and replay them in later passes, per micro-batch.
+
+    Megatron-Core's ``RouterReplay`` (one per router) does the top-k substitution; this class keeps
+    the indices *per micro-batch* in the micro-batch's dict, keyed by the global layer number, so
+    every schedule (1F1B, interleaved) and every layout finds them. ``mode`` is "record" (the
+    old-policy log-prob pass: the indices are stored in ``batch[ROUTING_KEY]``) or "replay" (the
+    training passes: micro-batches that carry recorded indices are routed with them; the router
+    scores of the replayed experts give the gate weights, so the output equals the recorded pass's).
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("record", "replay"):
+            raise ValueError(f"routing replay mode must be 'record' or 'replay', got {mode!r}")
+        self.mode = mode
+
+    def before(self, model, batch: dict) -> None:
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        routers = replay_routers(model)
+        if not routers:
+            return
+        if self.mode == "record":
+            for router in routers:
+                router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
+            return
+        recorded = batch.get(ROUTING_KEY)
+        if recorded is None:
+            return
+        for router in routers:
+            if router.layer_number not in recorded:
+                raise ValueError(f"routing replay: no recorded routing for MoE layer {router.layer_number}")
+            router.router_replay.target_topk_idx = recorded[router.layer_number]
+            router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+    def after(self, model, batch: dict) -> None:
+        routers = replay_routers(model)
+        if self.mode == "record" and routers:
+            recorded = batch.setdefault(ROUTING_KEY, {})
+            for router in routers:
+                recorded[router.layer_number] = router.router_replay.get_recorded_indices().detach().clone()
+        for router in routers:
+            router.router_replay.clear_indices()
+            router.router_replay.clear_router_replay_action()

@@ -14,6 +14,7 @@ from mrl.losses.base import split_model_output
 from mrl.ops import vocab_parallel_logprobs
 from mrl.ops.fused_head import FusedHead
 from mrl.parallel.layout import ParallelLayout
+from mrl.model.moe import RoutingReplay
 from mrl.train.step import run_schedule
 
 
@@ -24,7 +25,8 @@ def annotate_logprobs(chunks: list, micro_batches: list[dict], layout: ParallelL
     """Store ``log p(labels)`` of ``chunks``' model as ``batch[key]`` ([B, S] fp32) on the last stage.
 
     ``keep_logits_key`` also stores the vocab-sharded logits; ``values_key`` the value head's
-    output. Positions with ``labels == ignore_index`` get 0.
+    output. Positions with ``labels == ignore_index`` get 0. A policy with ``model.moe_routing_replay``
+    also records each token's experts (``mrl.model.moe.ROUTING_KEY``), which its training passes replay.
     """
     was_training = [chunk.training for chunk in chunks]
     for chunk in chunks:
@@ -45,7 +47,7 @@ def annotate_logprobs(chunks: list, micro_batches: list[dict], layout: ParallelL
 
     try:
         run_schedule(chunks, micro_batches, collect, forward_only=True,
-                     seq_length=micro_batches[0]["tokens"].shape[1])
+                     seq_length=micro_batches[0]["tokens"].shape[1], routing=RoutingReplay("record"))
     finally:
         for chunk, mode in zip(chunks, was_training):
             chunk.train(mode)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mrl.data.collate import packed_attention_mask
-from mrl.model.moe import RouterLosses
+from mrl.model.moe import RouterLosses, RoutingReplay
 from mrl.parallel.layout import ParallelLayout
 
 
@@ -66,8 +66,10 @@ def _is_float16(model) -> bool:
 
 
 def run_schedule(chunks: list, micro_batches: list[dict], loss_func: Callable, *, forward_only: bool,
-                 seq_length: int) -> None:
-    """Run Megatron's forward(-backward) schedule; ``loss_func(batch, output)`` on the last stage."""
+                 seq_length: int, routing: RoutingReplay | None = None) -> None:
+    """Run Megatron's forward(-backward) schedule; ``loss_func(batch, output)`` on the last stage.
+
+    ``routing`` records (or replays) MoE routing per micro-batch (``model.moe_routing_replay``)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     causal = causal_mask(seq_length, device=micro_batches[0]["tokens"].device)
@@ -76,7 +78,12 @@ def run_schedule(chunks: list, micro_batches: list[dict], loss_func: Callable, *
         batch = next(data_iterator)
         # Packed rows (data.packing) attend within their own document only.
         mask = packed_attention_mask(batch["segment_ids"]) if "segment_ids" in batch else causal
-        return model_forward(model, batch, mask), functools.partial(loss_func, batch)
+        if routing is not None:
+            routing.before(model, batch)
+        output = model_forward(model, batch, mask)
+        if routing is not None:
+            routing.after(model, batch)
+        return output, functools.partial(loss_func, batch)
 
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     get_forward_backward_func()(
@@ -125,7 +132,7 @@ class TrainStep:
             self.router_losses.begin_step(micro_batches)
         try:
             run_schedule(self.chunks, micro_batches, loss_func, forward_only=False,
-                         seq_length=micro_batches[0]["tokens"].shape[1])
+                         seq_length=micro_batches[0]["tokens"].shape[1], routing=RoutingReplay("replay"))
         except BaseException:
             if self.router_losses is not None:
                 self.router_losses.restore()
