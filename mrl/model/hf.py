@@ -1,4 +1,5 @@
-"""Hugging Face Llama-family weights (Llama, Mistral, Qwen2, Qwen3) into mrl's Megatron-Core GPTModel.
+"""Hugging Face Llama-family weights (Llama, Mistral, Qwen2, Qwen3; Qwen3-MoE and Mixtral with
+``mrl.model.hf_moe``) into mrl's Megatron-Core GPTModel.
 
 A Hugging Face model directory holds ``config.json`` and safetensors files (one file, or several
 named by ``model.safetensors.index.json``). The mapping, per layer ``i`` (HF names under
@@ -33,10 +34,11 @@ from typing import Any
 
 import torch
 
+from mrl.model import hf_moe
 from mrl.model.config import ModelConfig
 from mrl.model.init import sharded_tensors
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *hf_moe.MOE_MODEL_TYPES)
 _INDEX = "model.safetensors.index.json"
 # Per-layer tensors that map one to one (Megatron key -> HF name under model.layers.{i}.).
 _SIMPLE = {
@@ -103,6 +105,7 @@ def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
             "mrl models use head_dim = hidden_size / num_attention_heads"
         )
     qkv_bias = config["model_type"] == "qwen2" or bool(config.get("attention_bias", False))
+    moe = hf_moe.moe_fields_from_hf(config) if config["model_type"] in hf_moe.MOE_MODEL_TYPES else {}
     return {
         "num_layers": config["num_hidden_layers"],
         "hidden_size": config["hidden_size"],
@@ -118,8 +121,10 @@ def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
         "activation": "swiglu",
         "add_bias_linear": False,
         "add_qkv_bias": qkv_bias,
-        "qk_layernorm": config["model_type"] == "qwen3",
+        "qk_layernorm": config["model_type"] in ("qwen3", "qwen3_moe"),
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "num_experts": None,
+        **moe,
     }
 
 
@@ -146,6 +151,11 @@ def _effective(model: ModelConfig, name: str) -> Any:
         return model.num_query_groups or model.num_attention_heads
     if name == "ffn_hidden_size":
         return model.ffn_size
+    if name == "moe_ffn_hidden_size":
+        return model.moe_ffn_size if model.is_moe else None
+    if name == "moe_layer_freq":
+        pattern = model.moe_layer_pattern()
+        return 1 if all(pattern) else pattern
     return getattr(model, name)
 
 
@@ -203,18 +213,21 @@ class SafetensorsReader:
 def load_hf_weights_(chunks: list, path: str | Path, model: ModelConfig) -> int:
     """Copy a Hugging Face checkpoint into this rank's model ``chunks``; return the tensors filled."""
     check_model_matches_hf(model, path)
+    model_type = read_hf_config(path)["model_type"]
     reader = SafetensorsReader(path)
     filled = 0
-    last: tuple[tuple[str, int | None], torch.Tensor] | None = None  # SwiGLU's fc1 comes as two shards
+    last: tuple[tuple, torch.Tensor] | None = None  # SwiGLU's fc1 comes as two shards
     for sharded in sharded_tensors(chunks):
         if sharded.key.startswith("value_head."):
             continue
-        layer, _, index = _placement(sharded)
-        if sharded.key in _VOCAB_KEYS:  # [V/tp, h]: read just this shard's rows of a large matrix
-            sharded.data.copy_(_vocab_rows(sharded.key, reader, model, index[0].start, index[0].stop))
+        key, layer, expert, _, index = hf_moe.locate(sharded)
+        if key in _VOCAB_KEYS:  # [V/tp, h]: read just this shard's rows of a large matrix
+            sharded.data.copy_(_vocab_rows(key, reader, model, index[0].start, index[0].stop))
         else:
-            if last is None or last[0] != (sharded.key, layer):
-                last = ((sharded.key, layer), _megatron_tensor(sharded.key, layer, reader, model))
+            if last is None or last[0] != (key, layer, expert):
+                whole = hf_moe.megatron_moe_tensor(key, layer, expert, reader, model_type) if hf_moe.is_moe_key(key) \
+                    else _megatron_tensor(key, layer, reader, model)
+                last = ((key, layer, expert), whole)
             sharded.data.copy_(last[1][index])
         filled += 1
     return filled
@@ -269,6 +282,10 @@ def hf_config(model: ModelConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
         raise HFCheckpointError("no Llama-family architecture has both qk-norm and q/k/v biases")
     architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
     heads = model.num_attention_heads
+    try:
+        moe = hf_moe.moe_hf_config(model) if model.is_moe else {}
+    except hf_moe.HFMoEError as exc:
+        raise HFCheckpointError(str(exc)) from exc
     return {
         "architectures": [architecture[model_type]],
         "model_type": model_type,
@@ -289,22 +306,27 @@ def hf_config(model: ModelConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
         "tie_word_embeddings": model.tie_embeddings,
         "attention_bias": model.add_qkv_bias,
         "torch_dtype": dtype,
+        **moe,
     }
 
 
 @torch.no_grad()
 def hf_state_dict(chunks: list, model: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face tensors of a model whose ``chunks`` hold every tensor whole (TP=PP=1)."""
-    whole: dict[tuple[str, int | None], torch.Tensor] = {}
+    whole: dict[tuple[str, int | None, int | None], torch.Tensor] = {}
     for sharded in sharded_tensors(chunks):
         if sharded.key.startswith("value_head."):
             continue
-        layer, shape, index = _placement(sharded)
-        target = whole.setdefault((sharded.key, layer), sharded.data.new_zeros(shape))
+        key, layer, expert, shape, index = hf_moe.locate(sharded)
+        target = whole.setdefault((key, layer, expert), sharded.data.new_zeros(shape))
         target[index] = sharded.data  # SwiGLU's fc1 arrives as two halves
+    model_type = hf_config(model)["model_type"]
     out: dict[str, torch.Tensor] = {}
-    for (key, layer), tensor in whole.items():
-        out.update(_hf_tensors(key, layer, tensor, model))
+    for (key, layer, expert), tensor in whole.items():
+        if hf_moe.is_moe_key(key):
+            out.update(hf_moe.hf_moe_tensors(key, layer, expert, tensor, model_type))
+        else:
+            out.update(_hf_tensors(key, layer, tensor, model))
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
