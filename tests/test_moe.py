@@ -174,7 +174,7 @@ def test_moe_fields_are_validated(fields, message):
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.ep=3"], "model.num_experts=4 is not divisible by expert-parallel degree parallel.ep=3"),
     (["parallel.ep=4", "parallel.etp=2"], "parallel.ep=4 × expert tensor parallel etp=2 = 8 does not divide the 4 ranks"),
-    (["parallel.pp=2", "parallel.ep=2"], "parallel.ep=4 × expert tensor parallel etp=1 = 4 does not divide the 2 ranks"),
+    (["parallel.pp=2", "parallel.ep=4"], "parallel.ep=4 × expert tensor parallel etp=1 = 4 does not divide the 2 ranks"),
     (["parallel.tp=2", "parallel.ep=2"], "needs parallel.sequence_parallel=true"),
     (["model.num_experts=null"], r"parallel.ep=2 / parallel.etp=None need a MoE model"),
     (["parallel.cp=2", "parallel.tp=1"], "parallel.ep=2 with parallel.cp=2 is not supported"),
