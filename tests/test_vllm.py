@@ -150,12 +150,17 @@ def test_engine_logprobs_equal_the_trainers_after_every_refit_4ranks(ranks4, tmp
 def case_start_fails(overrides: list[str], output_dir: str) -> dict:
     from mrl.rl.vllm_engine import RolloutEngineError
 
-    before = _own_processes()
+    import glob
+    import tempfile
+
+    pattern = f"{tempfile.gettempdir()}/mrl-vllm-*"
+    before, dirs = _own_processes(), set(glob.glob(pattern))
     try:
         _trainer(RECIPE, overrides, output_dir)
+        error = None
     except RolloutEngineError as exc:
-        return {"error": str(exc), "left": _left(before)}
-    return {"error": None, "left": _left(before)}
+        error = str(exc)
+    return {"error": error, "left": _left(before), "workdirs": sorted(set(glob.glob(pattern)) - dirs)}
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -167,6 +172,7 @@ def test_an_engine_that_does_not_start_stops_every_rank_and_leaves_no_process(ra
     overrides = _overrides(tmp_path, "parallel.tp=2", "parallel.pp=1", setting)
     for result in ranks2.run(case_start_fails, overrides, str(tmp_path / "run"), timeout=300):
         assert result["error"] is not None and message in result["error"], result["error"]
+        assert result["workdirs"] == [], result["workdirs"]  # the engine's config directory is gone too
         assert "replica 0" in result["error"]
         assert result["left"] == [], f"processes left behind: {result['left']}"
 

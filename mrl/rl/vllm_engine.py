@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -229,6 +230,7 @@ class _Engine:
         except BaseException as exc:
             timer.cancel()
             kill_descendants(spare=spare)
+            shutil.rmtree(workdir, ignore_errors=True)
             if timed_out.is_set():
                 raise RolloutEngineError(
                     f"no engine within rollout.vllm.start_timeout_s={settings.start_timeout_s:g}") from exc
@@ -337,10 +339,7 @@ class _Engine:
             self._shm_path.unlink()
         except FileNotFoundError:
             pass
-        for file in self.workdir.glob("*"):
-            file.unlink()
-        if self.workdir.exists():
-            self.workdir.rmdir()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _close_shm(self) -> None:
         if self._shm_map is not None:
