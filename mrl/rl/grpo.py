@@ -266,16 +266,19 @@ class GRPOTrainer(Trainer):
                             build_loss(SFTLossConfig(), vocab_size=cfg.model.vocab_size), MetricsAccumulator,
                             max_consecutive_bad_steps=cfg.train.max_consecutive_bad_steps)
         log_path = Path(cfg.log.output_dir) / "warmup_metrics.jsonl"
-        for warm_step in range(1, cfg.rollout.sft_warmup_steps + 1):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        total, started = cfg.rollout.sft_warmup_steps, time.monotonic()
+        for warm_step in range(1, total + 1):
             batches = [b.to(self.device).as_dict() for b in loader.next_step()]
             result = step_fn(batches, compute_global_counts(batches, self.layout.dp_group))
             if self.log.enabled:
                 with open(log_path, "a") as handle:
                     handle.write(json.dumps({"warmup_step": warm_step, "loss": result.loss,
                                              "grad_norm": result.grad_norm}) + "\n")
-                if warm_step % cfg.train.log_interval == 0 or warm_step == cfg.rollout.sft_warmup_steps:
-                    print(f"sft warm-up {warm_step}/{cfg.rollout.sft_warmup_steps} | loss {result.loss:.4f}",
-                          flush=True)
+                if warm_step % cfg.train.log_interval == 0 or warm_step == total:
+                    eta = (time.monotonic() - started) / warm_step * (total - warm_step)
+                    print(f"sft warm-up {warm_step}/{total} | loss {result.loss:.4f} | "
+                          f"eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
         self.scheduler.apply()  # back to the GRPO schedule
         if self.reference is not None:
             _copy_weights(self.model, self.reference)
