@@ -133,7 +133,7 @@ def _stage_hf_tensors(chunks: list, model, layout, dtype: torch.dtype):
         data = sharded.data
         pieces = [(index, data)]
         if layout.tp > 1 and tuple(data.shape) != tuple(shape):  # split over TP: gather at TP rank 0
-            offsets = torch.tensor([s.start for s in index], dtype=torch.long)
+            offsets = torch.tensor([s.start for s in index], dtype=torch.long, device=data.device)
             all_offsets = [torch.empty_like(offsets) for _ in range(layout.tp)] if leader else None
             all_data = [torch.empty_like(data) for _ in range(layout.tp)] if leader else None
             dist.gather(offsets, all_offsets, dst=tp_root, group=layout.tp_group)
@@ -194,34 +194,50 @@ def stream_hf_weights(chunks: list, model, layout, *, bucket_bytes: int, dtype: 
                 local["b"] = torch.empty(max(nbytes, min(bucket_bytes, nbytes * 2)), dtype=torch.uint8)
             return local["b"]
 
+        wire = _wire_device(layout.pp_group)
+
         def send(buffer: torch.Tensor, entries: list[Entry], nbytes: int) -> None:
             meta = torch.frombuffer(bytearray(pickle.dumps(entries)), dtype=torch.uint8)
-            dist.send(torch.tensor([nbytes, meta.numel()], dtype=torch.long), dst=root, group=layout.pp_group)
-            dist.send(meta, dst=root, group=layout.pp_group)
-            dist.send(buffer[:nbytes].contiguous(), dst=root, group=layout.pp_group)
+            dist.send(torch.tensor([nbytes, meta.numel()], dtype=torch.long, device=wire), dst=root, group=layout.pp_group)
+            dist.send(meta.to(wire), dst=root, group=layout.pp_group)
+            dist.send(buffer[:nbytes].to(wire), dst=root, group=layout.pp_group)
 
         packer = _Packer(bucket_bytes, buffer_for, send)
         for name, tensor in _stage_hf_tensors(chunks, model, layout, dtype):
             packer.add(name, tensor)
         packer.flush()
-        dist.send(torch.tensor([-1, 0], dtype=torch.long), dst=root, group=layout.pp_group)
+        dist.send(torch.tensor([-1, 0], dtype=torch.long, device=wire), dst=root, group=layout.pp_group)
         return packer.stats
     for _ in _stage_hf_tensors(chunks, model, layout, dtype):  # other TP ranks: take part in the gathers
         pass
     return stats
 
 
+def _wire_device(group) -> torch.device:
+    """Where point-to-point tensors must live for ``group``'s backend (NCCL: this rank's GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _receive_stage(layout, source: int, sink: BucketSink, stats: RefitStats) -> None:
+    wire = _wire_device(layout.pp_group)
     while True:
-        header = torch.empty(2, dtype=torch.long)
+        header = torch.empty(2, dtype=torch.long, device=wire)
         dist.recv(header, src=source, group=layout.pp_group)
         nbytes, meta_len = header.tolist()
         if nbytes < 0:
             return
-        meta = torch.empty(meta_len, dtype=torch.uint8)
+        meta = torch.empty(meta_len, dtype=torch.uint8, device=wire)
         dist.recv(meta, src=source, group=layout.pp_group)
-        entries = pickle.loads(meta.numpy().tobytes())
-        dist.recv(sink.buffer(nbytes)[:nbytes], src=source, group=layout.pp_group)
+        entries = pickle.loads(meta.cpu().numpy().tobytes())
+        target = sink.buffer(nbytes)[:nbytes]
+        if wire.type == "cpu":
+            dist.recv(target, src=source, group=layout.pp_group)
+        else:  # through the GPU (NCCL), then into the sink's host buffer
+            staged = torch.empty(nbytes, dtype=torch.uint8, device=wire)
+            dist.recv(staged, src=source, group=layout.pp_group)
+            target.copy_(staged)
         sink.push(entries, nbytes)
         stats.tensors += len(entries)
         stats.bytes += nbytes
