@@ -110,7 +110,7 @@ def test_gpu_recipe_name_matches_its_settings(path):
     degrees_token, *flags = name["layout"].split("-")
     degrees = dict(re.findall(r"(tp|pp|cp|vpp)(\d+)", degrees_token))
     assert "".join(k + v for k, v in degrees.items()) == degrees_token, f"unreadable layout {degrees_token!r}"
-    assert set(flags) <= {"fp8"}, f"unknown layout flags {flags}"
+    assert set(flags) <= {"fp8", "vllm"}, f"unknown layout flags {flags}"
 
     cfg = load_config(path, JobConfig)
     world = cfg.default_world_size()
@@ -121,11 +121,21 @@ def test_gpu_recipe_name_matches_its_settings(path):
     assert (p.tp, p.pp, p.cp) == tuple(int(degrees.get(k, 1)) for k in ("tp", "pp", "cp"))
     assert p.vpp == (int(degrees["vpp"]) if "vpp" in degrees else None)
     assert (cfg.precision.fp8 is not None) == ("fp8" in flags)
+    assert (cfg.rollout.engine == "vllm") == ("vllm" in flags)
     assert cfg.precision.dtype == "bf16"
     cfg.validate(world)
 
-    parents = yaml.safe_load(path.read_text())["defaults"]
-    assert "gpu-base.yaml" in ([parents] if isinstance(parents, str) else parents)
+    assert "gpu-base.yaml" in _ancestors(path)
+
+
+def _ancestors(path: Path) -> set[str]:
+    """File names of every recipe ``path`` inherits from (``defaults:``, transitively)."""
+    parents = yaml.safe_load(path.read_text()).get("defaults") or []
+    names = set()
+    for parent in [parents] if isinstance(parents, str) else parents:
+        names.add(parent)
+        names |= _ancestors(path.parent / parent)
+    return names
 
 
 def _parameters(cfg: JobConfig) -> int:
