@@ -552,7 +552,7 @@ def test_dumped_file_loads_back_through_the_recipe_path(in_tmp):
 def test_to_dict_holds_every_field():
     data = to_dict(JobConfig())
     assert data["parallel"] == {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "dp": None,
-                                "sequence_parallel": False, "timeout_minutes": 30.0}
+                                "sequence_parallel": False, "timeout_minutes": 30.0, "ep": 1, "etp": None}
     assert data["optim"]["betas"] == [0.9, 0.95] and data["critic"] is None
 
 
