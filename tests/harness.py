@@ -14,6 +14,7 @@ naming the ranks that did not answer. Nothing hangs.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import pickle
 import queue
@@ -102,12 +103,19 @@ def _worker(rank: int, world_size: int, port: int, log_dir: str, tasks, results)
 
 
 def _reset_parallel_state() -> None:
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         from mrl.parallel.layout import destroy_parallel_state
 
         destroy_parallel_state()
+    # Groups a case created outside Megatron's parallel state (its optimizer, checkpointing, ...):
+    # left alive, each keeps gloo threads polling, and hundreds of cases slow the pool to a crawl.
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
+    gc.collect()  # a destroyed group's threads end when the last reference to it goes
 
 
 class RankPool:
