@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ranks import init_rank, report_failure, run_ranks  # noqa: E402  (tools/, beside this file)
+from bench_ranks import init_rank, report_failure, run_ranks, tp_degrees  # noqa: E402  (tools/, beside this file)
 
 
 def _loss(args, variant: str, h, w, labels, upstream, group):
@@ -126,10 +126,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of fresh processes per variant")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per variant")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_fused_head: --device cuda needs a CUDA GPU; none is visible", file=sys.stderr)
+    degrees = tp_degrees("bench_fused_head", args.device, args.tp)
+    if degrees is None:
         return 2
-    degrees = args.tp or ([1, 2] if args.device == "cpu" else [1])
     logits_bytes = args.tokens * args.vocab * 4
     print(f"T={args.tokens} H={args.hidden} V={args.vocab}, device {args.device}; one fp32 [T, V] buffer = "
           f"{logits_bytes / 2**30:.2f} GiB")

@@ -83,3 +83,23 @@ def init_rank(rank: int, port: int, world_size: int, device: str, threads: int, 
             enable_cpu_execution()
         torch.set_num_threads(threads)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
+
+
+def tp_degrees(tool: str, device: str, requested: list[int] | None) -> list[int] | None:
+    """The TP degrees to run (default: 1 and 2 on CPU, 1 on CUDA), or None after printing why the
+    device cannot run them (no CUDA GPU visible, fewer GPUs than the largest degree)."""
+    import sys
+
+    import torch
+
+    degrees = requested or ([1, 2] if device == "cpu" else [1])
+    if device != "cuda":
+        return degrees
+    if not torch.cuda.is_available():
+        print(f"{tool}: --device cuda needs a CUDA GPU; none is visible", file=sys.stderr)
+        return None
+    if max(degrees) > torch.cuda.device_count():
+        print(f"{tool}: --tp {max(degrees)} needs that many GPUs; {torch.cuda.device_count()} visible",
+              file=sys.stderr)
+        return None
+    return degrees

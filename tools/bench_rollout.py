@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ranks import init_rank, report_failure, run_ranks  # noqa: E402  (tools/, beside this file)
+from bench_ranks import init_rank, report_failure, run_ranks, tp_degrees  # noqa: E402  (tools/, beside this file)
 
 CPU_MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=259)
 CUDA_MODEL = dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=8, vocab_size=32000)
@@ -160,15 +160,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vllm", action="store_true", help="also the vLLM engine (needs vLLM)")
     parser.add_argument("--engine-tp", type=int, default=1, help="tensor-parallel size of the vLLM engine")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_rollout: --device cuda needs a CUDA GPU; none is visible", file=sys.stderr)
+    degrees = tp_degrees("bench_rollout", args.device, args.tp)
+    if degrees is None:
         return 2
-    degrees = args.tp or ([1, 2] if args.device == "cpu" else [1])
     model = args.model or (CUDA_MODEL if args.device == "cuda" else CPU_MODEL)
-    if args.device == "cuda" and max(degrees) > torch.cuda.device_count():
-        print(f"bench_rollout: --tp {max(degrees)} needs that many GPUs; {torch.cuda.device_count()} visible",
-              file=sys.stderr)
-        return 2
     print(f"model {model}, {args.rows} rows x {args.new_tokens} new tokens, device {args.device}")
     print(f"{'tp':>3} {'S':>5} | {'kv-cache tok/s':>14} {'peak MiB':>9} | {'full-forward tok/s':>18} "
           f"{'peak MiB':>9} | {'speed-up':>8}")
