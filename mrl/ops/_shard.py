@@ -65,6 +65,12 @@ class VocabShard:
         return torch.where(owned, local, 0), owned
 
 
+def label_logits(x, col: torch.Tensor, owned: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · x[i, col_i]`` in fp32 where this shard holds row i's label, 0 elsewhere ``[rows]``."""
+    picked = x.gather(1, col.unsqueeze(-1)).squeeze(-1).float() * scale
+    return torch.where(owned, picked, 0.0)
+
+
 def check_labels(labels: torch.Tensor, logits: torch.Tensor, shard: VocabShard, ignore_index: int) -> None:
     """Raise ``ValueError`` unless ``labels`` are ``[...]`` ids in ``[0, vocab_size)`` or ignore_index.
 

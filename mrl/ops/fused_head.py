@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mrl.ops._kernels import LocalStats, local_stats, row_chunks, softmax_grad
-from mrl.ops._shard import VocabShard, check_labels
+from mrl.ops._shard import VocabShard, check_labels, chunk_rows, label_logits
 
 # Bytes of one chunk of fp32 logits when ``chunk_size`` is not given: large enough for efficient
 # GEMMs, small against a [tokens, V/tp] buffer.
@@ -107,8 +107,6 @@ def head_chunk_rows(chunk_size: int | None, head: FusedHead) -> int:
 def head_local_stats(head: FusedHead, shard: VocabShard, scale: float, chunk: int, *, with_u: bool,
                      with_sum_z: bool, labels: torch.Tensor | None, ignore_index: int):
     """``LocalStats`` of every token and the label logits, one chunk of logits at a time."""
-    from mrl.ops._shard import chunk_rows
-
     tokens = head.hidden.numel() // head.hidden.shape[-1]
     f32 = dict(dtype=torch.float32, device=head.device)
     m = torch.full((tokens,), float("-inf"), **f32)
@@ -128,8 +126,7 @@ def head_local_stats(head: FusedHead, shard: VocabShard, scale: float, chunk: in
         if sum_z is not None:
             sum_z[r0:r1] = part.sum_z
         if labels is not None:
-            picked = x.gather(1, col[r0:r1].unsqueeze(-1)).squeeze(-1).float() * scale
-            label_z[r0:r1] = torch.where(owned[r0:r1], picked, 0.0)
+            label_z[r0:r1] = label_logits(x, col[r0:r1], owned[r0:r1], scale)
         del x
     return LocalStats(m, s, u, sum_z), label_z, col, owned
 
@@ -245,7 +242,6 @@ class _FusedHeadKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_p, weight_p, hidden_q, weight_q, group, shard: VocabShard, scale: float,
                 chunk: int, fp32: bool):
-        from mrl.ops._shard import chunk_rows
         from mrl.ops.kl import _local_kl_stats, kl_from_sums, reduce_kl_stats
 
         head_p, head_q = FusedHead(hidden_p, weight_p, fp32=fp32), FusedHead(hidden_q, weight_q, fp32=fp32)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from mrl.ops._kernels import LocalStats, local_stats, softmax_grad
-from mrl.ops._shard import VocabShard, check_labels, check_temperature, chunk_rows
+from mrl.ops._shard import VocabShard, check_labels, check_temperature, chunk_rows, label_logits
 from mrl.ops.fused_head import FusedHead, fused_head_stats
 from mrl.ops.comm import all_reduce_
 
@@ -130,8 +130,7 @@ class _VocabParallelStats(torch.autograd.Function):
         if labels is not None:
             labels = labels.reshape(-1)
             col, owned = shard.localize(labels, ignore_index)
-            label_z = x.gather(1, col.unsqueeze(-1)).squeeze(-1).float() * scale
-            label_z = torch.where(owned, label_z, 0.0)
+            label_z = label_logits(x, col, owned, scale)
         big_m, packed = reduce_stats(stats, shard, group, label_z)
 
         kept = None if labels is None else labels != ignore_index
