@@ -80,7 +80,7 @@ def _load_whole_model(cfg: JobConfig, checkpoint: Path) -> dict[str, torch.Tenso
     model = dataclasses.replace(cfg.model, recompute=None, value_head=False)
     dtype = "fp32" if device == "cpu" and cfg.precision.dtype == "fp16" else cfg.precision.dtype  # no CPU fp16
     precision = PrecisionConfig(dtype=dtype)
-    with _single_process_group(device):
+    with single_process_group(device):
         layout = ParallelLayout.initialize(ParallelConfig())
         try:
             chunks = build_model(model, precision, layout, device, seed=cfg.seed)
@@ -91,7 +91,7 @@ def _load_whole_model(cfg: JobConfig, checkpoint: Path) -> dict[str, torch.Tenso
 
 
 @contextmanager
-def _single_process_group(device: str):
+def single_process_group(device: str):
     """A world of one rank (gloo on CPU, NCCL on GPU), torn down afterwards."""
     import torch.distributed as dist
 

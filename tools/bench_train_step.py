@@ -106,26 +106,16 @@ def _parse_args() -> BenchConfig:
 @contextmanager
 def _single_rank(device: str):
     """torch.distributed with one rank (gloo on CPU, NCCL on CUDA) and mrl's layout on it."""
-    import torch.distributed as dist
-
+    from mrl.export import single_process_group
     from mrl.parallel.layout import ParallelConfig, ParallelLayout
-    from mrl.runner import free_port
 
-    if device == "cpu":
-        from mrl.parallel.cpu import enable_cpu_execution
-
-        enable_cpu_execution()
-    else:
-        torch.cuda.set_device(0)
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo" if device == "cpu" else "nccl", store=store, rank=0, world_size=1)
-    layout = ParallelLayout.initialize(ParallelConfig(), timeout_minutes=5)
-    try:
-        layout.seed(1234)
-        yield layout
-    finally:
-        layout.destroy()
-        dist.destroy_process_group()
+    with single_process_group(device):
+        layout = ParallelLayout.initialize(ParallelConfig(), timeout_minutes=5)
+        try:
+            layout.seed(1234)
+            yield layout
+        finally:
+            layout.destroy()
 
 
 def run_benchmark(cfg: BenchConfig, layout) -> dict:
