@@ -465,7 +465,7 @@ def test_bad_inputs_raise_naming_the_tensor():
         (PolicyLossConfig, dict(chunk_size=0), "chunk_size"),
         (DPOLossConfig, dict(beta=0.0), "beta"),
         (DPOLossConfig, dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing"),
-        (DPOLossConfig, dict(loss_type="hinge"), "loss_type"),
+        (DPOLossConfig, dict(loss_type="kto"), "loss_type"),
         (SFTLossConfig, dict(label_smoothing=1.0), "label_smoothing"),
         (SFTLossConfig, dict(focal_gamma=1.0, label_smoothing=0.1), "focal_gamma"),
         (SFTLossConfig, dict(z_loss_coef=-1.0), "z_loss_coef"),

@@ -54,6 +54,11 @@ BATCH_KEYS: dict[str, str] = {
     "returns": "[B, S] float: value targets of the critic",
     "old_values": "[B, S] float: critic values at rollout time (value clipping)",
     "ref_seq_logps": "[B] float: DPO reference log-prob of each row, reduced like the policy's",
+    "aot_partner": "[B] float: AOT's sorted reference margin matched with pair i (row 2i; DPOLoss.prepare_step)",
+    "aot_unpaired_partner": "[B] float: AOT-unpaired's sorted partner of each row's log-ratio (DPOLoss.prepare_step)",
+    "bco_shift": "[B] float: BCO's running reward shift δ (DPOLoss.prepare_step)",
+    "teacher_topk_ids": "[B, S, k] int: global ids of the teacher's k most likely tokens (top-k distillation)",
+    "teacher_topk_logprobs": "[B, S, k] float: the teacher's log-probs of those ids (full-vocabulary softmax)",
 }
 """Documented batch keys. DPO rows are paired: row 2i is chosen, row 2i + 1 rejected."""
 
@@ -70,6 +75,9 @@ class GlobalCounts:
 
     num_pairs: int | None = None
     """DPO pairs (rows 2i, 2i + 1) with valid tokens in both rows; None unless computed ``paired``."""
+
+    num_chosen_tokens: int | None = None
+    """Valid tokens of the chosen rows (2i) of those pairs; None unless computed ``paired``."""
 
 
 def token_mask(batch: Mapping[str, torch.Tensor], ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -112,15 +120,19 @@ def compute_global_counts(
     if not micro_batches:
         raise ValueError("compute_global_counts needs at least one micro-batch")
     device = micro_batches[0]["labels"].device if "labels" in micro_batches[0] else None
-    totals = torch.zeros(3, dtype=torch.int64, device=device)  # tokens, seqs, pairs
+    totals = torch.zeros(4, dtype=torch.int64, device=device)  # tokens, seqs, pairs, chosen tokens
     for batch in micro_batches:
         mask = token_mask(batch, ignore_index)  # [B, S]
-        pairs = pair_mask(mask).sum() if paired else torch.zeros((), dtype=torch.int64, device=device)
-        totals += torch.stack([mask.sum(), mask.any(-1).sum(), pairs]).to(totals)
+        pairs = chosen = torch.zeros((), dtype=torch.int64, device=device)
+        if paired:
+            valid = pair_mask(mask)  # [B/2]
+            pairs, chosen = valid.sum(), (mask[0::2] & valid.unsqueeze(-1)).sum()
+        totals += torch.stack([mask.sum(), mask.any(-1).sum(), pairs, chosen]).to(totals)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
-    tokens, seqs, pairs = totals.tolist()
-    return GlobalCounts(num_tokens=tokens, num_seqs=seqs, num_pairs=pairs if paired else None)
+    tokens, seqs, pairs, chosen = totals.tolist()
+    return GlobalCounts(num_tokens=tokens, num_seqs=seqs, num_pairs=pairs if paired else None,
+                        num_chosen_tokens=chosen if paired else None)
 
 
 @dataclass
