@@ -33,6 +33,10 @@ def build_trainer(cfg: JobConfig, layout):
         from mrl.rl.grpo import GRPOTrainer
 
         return GRPOTrainer(cfg, layout)
+    if cfg.algorithm == "offline-rl":
+        from mrl.rl.offline import OfflineRLTrainer
+
+        return OfflineRLTrainer(cfg, layout)
     from mrl.train.trainer import Trainer
 
     return Trainer(cfg, layout)

@@ -1,7 +1,8 @@
 """The training loop: build everything from a ``JobConfig``, then step, log and checkpoint.
 
-``Trainer`` trains on a data loader (sft, dpo, offline-rl, distill); ``mrl.rl.grpo.GRPOTrainer``
-replaces the batch source with online rollouts. One step:
+``Trainer`` trains on a data loader (sft, dpo, distill); ``mrl.rl.offline.OfflineRLTrainer`` adds
+advantages from the rollout rewards of its data, ``mrl.rl.grpo.GRPOTrainer`` replaces the batch
+source with online rollouts. One step:
 
     micro_batches = next_batches()            # this DP rank's rows of the global batch
     prepare(micro_batches)                    # reference / old-policy log-probs, advantages
@@ -21,14 +22,12 @@ import torch.distributed as dist
 
 from mrl.config.job import JobConfig
 from mrl.data import build_data_loader, build_dataset, build_tokenizer
-from mrl.losses import functional as LF
 from mrl.losses.base import compute_global_counts
 from mrl.losses.factory import build_loss
 from mrl.losses.metrics import MetricsAccumulator
 from mrl.model.builder import build_model, freeze
 from mrl.model.hf import is_hf_model_dir, load_hf_weights_
 from mrl.parallel.layout import ParallelLayout
-from mrl.rl.targets import outcome_value_targets
 from mrl.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -167,11 +166,7 @@ class Trainer:
 
     def next_batches(self) -> tuple[list[dict], dict[str, float]]:
         """This rank's micro-batches for the next step, and metrics about them."""
-        batches = [batch.to(self.device).as_dict() for batch in self.data.next_step()]
-        extra = {}
-        if self.cfg.algorithm == "offline-rl":
-            extra = self._offline_advantages(batches)
-        return batches, extra
+        return [batch.to(self.device).as_dict() for batch in self.data.next_step()], {}
 
     def prepare(self, micro_batches: list[dict]) -> None:
         """Add the reference and old-policy log-probs the loss needs."""
@@ -187,27 +182,6 @@ class Trainer:
                               vocab_size=cfg.model.vocab_size, temperature=temperature,
                               values_key="old_values" if cfg.model.value_head else None,
                               chunk_size=cfg.loss.chunk_size)
-        if cfg.loss.kind == "ppo" and cfg.model.value_head:
-            for batch in micro_batches:
-                outcome_value_targets(batch)
-
-    def _offline_advantages(self, batches: list[dict]) -> dict[str, float]:
-        """GRPO advantages from the rollout rewards, groups gathered across DP ranks."""
-        rewards = torch.cat([b["rewards"] for b in batches]).float()  # [rows]
-        groups = torch.cat([b["group_ids"] for b in batches])  # [rows]
-        all_rewards, all_groups = _all_gather_rows(rewards, self.layout.dp_group), _all_gather_rows(groups, self.layout.dp_group)
-        advantages, _ = LF.group_advantages(all_rewards, group_ids=all_groups,
-                                            normalize_std=self.cfg.rollout.normalize_std,
-                                            leave_one_out=self.cfg.rollout.leave_one_out)
-        local = advantages.view(self.layout.dp, -1)[self.layout.dp_rank]
-        offset = 0
-        for batch in batches:
-            rows = batch["rewards"].shape[0]
-            batch["advantages"] = local[offset: offset + rows]
-            if "behaviour_logprobs" in batch and self.cfg.loss.kind in ("grpo", "ppo"):
-                batch.setdefault("old_logprobs", batch["behaviour_logprobs"])
-            offset += rows
-        return {"reward_mean": float(all_rewards.mean())}
 
     # Logging and checkpoints ----------------------------------------------------------------------
 
@@ -294,13 +268,3 @@ class Trainer:
     def announce(self, message: str) -> None:
         if self.log.enabled:
             print(f"[mrl] {message}", flush=True)
-
-
-def _all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate equally sized 1-d tensors of every rank of ``group`` in rank order."""
-    world = dist.get_world_size(group)
-    if world == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts)
