@@ -135,6 +135,33 @@ def compute_global_counts(
                         num_chosen_tokens=chosen if paired else None)
 
 
+@dataclass(frozen=True)
+class BatchNeeds:
+    """What a loss's batches must carry beyond the data, so the trainer can provide it
+    (``Loss.batch_needs``). The trainer asks; it never compares loss or algorithm names."""
+
+    keys: tuple[str, ...] = ("labels",)
+    """Batch keys the loss reads (its ``required_keys``); missing ones raise ``ValueError``."""
+
+    temperature: float = 1.0
+    """Temperature of the loss's softmax; log-prob passes for it (reference, old policy) use it too."""
+
+    reference_logprobs: bool = False
+    """``ref_logprobs``: log-probs of the labels under the frozen reference model."""
+
+    reference_logits: bool = False
+    """``ref_logits``: the reference's vocab-sharded logits beside them (exact KL, distillation)."""
+
+    old_logprobs: bool = False
+    """``old_logprobs``: the policy's log-probs before the step's update (PPO ratio, step
+    statistics), unless the batches already carry them."""
+
+    value_targets: bool = False
+    """The loss trains the value head as a critic: with ``model.value_head`` the old-policy pass
+    also stores ``old_values``, and the RL trainers set the critic's targets (``returns``) and
+    advantages from them."""
+
+
 @dataclass
 class LossConfigBase:
     """Fields shared by every loss config."""
@@ -170,6 +197,17 @@ class Loss(abc.ABC):
     def __init__(self, config: LossConfigBase, *, vocab_size: int | None = None) -> None:
         self.config = config
         self.vocab_size = vocab_size
+
+    @property
+    def batch_needs(self) -> BatchNeeds:
+        """What this loss's batches need beyond the data; losses that read a reference, old-policy
+        log-probs or a critic override it."""
+        return BatchNeeds(keys=tuple(self.required_keys), temperature=getattr(self.config, "temperature", 1.0))
+
+    def prepare_step(self, micro_batches: Sequence[dict], dp_group=None, tp_group=None) -> None:
+        """Called once per step on the step's micro-batches after the trainer added what
+        ``batch_needs`` asks for, before the first forward: a loss that reads statistics of the
+        whole step writes them into the batches here. Nothing by default."""
 
     @abc.abstractmethod
     def __call__(

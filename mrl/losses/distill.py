@@ -24,6 +24,7 @@ import torch
 
 from mrl.losses import functional as LF
 from mrl.losses.base import (
+    BatchNeeds,
     GlobalCounts,
     Loss,
     LossConfigBase,
@@ -99,6 +100,13 @@ class DistillLoss(Loss):
         super().__init__(config, vocab_size=vocab_size)
         if config.teacher_topk is not None:
             self.required_keys = ("labels", *TOPK_KEYS)
+
+    @property
+    def batch_needs(self) -> BatchNeeds:
+        """The teacher (reference) pass, with its logits unless the batches carry its top-k."""
+        cfg = self.config
+        return BatchNeeds(keys=self.required_keys, temperature=cfg.temperature, reference_logprobs=True,
+                          reference_logits=cfg.teacher_topk is None)
 
     def __call__(
         self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from mrl.losses import functional as LF
 from mrl.losses import preference as P
 from mrl.losses.base import (
+    BatchNeeds,
     GlobalCounts,
     Loss,
     LossConfigBase,
@@ -186,6 +187,11 @@ class DPOLoss(Loss):
         """Whether the trainer must store the policy's log-probs of the step's batch, before the step,
         as ``old_logprobs`` and call ``prepare_step`` (loss types that read step statistics)."""
         return any(kind in P.STEP_STATISTIC_LOSSES for kind in self.config.loss_types)
+
+    @property
+    def batch_needs(self) -> BatchNeeds:
+        """The reference's log-probs; the policy's too for loss types that read step statistics."""
+        return BatchNeeds(keys=self.required_keys, reference_logprobs=True, old_logprobs=self.needs_policy_logprobs)
 
     def step_keys(self) -> tuple[str, ...]:
         """Batch keys written by ``prepare_step`` that this loss reads."""

@@ -26,6 +26,7 @@ import torch
 from mrl.config.checks import require_optional_positive_ints
 from mrl.losses import functional as LF
 from mrl.losses.base import (
+    BatchNeeds,
     GlobalCounts,
     Loss,
     LossConfigBase,
@@ -178,6 +179,16 @@ class PolicyLoss(Loss):
             if config.value_clip is not None:
                 keys.append("old_values")
         self.required_keys = tuple(keys)
+
+    @property
+    def batch_needs(self) -> BatchNeeds:
+        """Old-policy log-probs always; the reference's with a KL term (its logits for the exact
+        KL); a PPO loss trains the value head as a critic."""
+        cfg = self.config
+        return BatchNeeds(keys=self.required_keys, temperature=cfg.temperature, old_logprobs=True,
+                          reference_logprobs=cfg.kl_coef > 0,
+                          reference_logits=cfg.kl_coef > 0 and cfg.kl_estimator == "full",
+                          value_targets=cfg.kind == "ppo")
 
     def __call__(
         self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None

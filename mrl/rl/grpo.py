@@ -18,7 +18,6 @@ is then the policy as the warm-up left it, and it is saved with every checkpoint
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -26,22 +25,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mrl.data import build_data_loader, build_dataset
+from mrl.data import build_dataset
 from mrl.data.loader import build_sampler
 from mrl.data.sequences import IGNORE_INDEX
 from mrl.data.tasks import load_reward_fn
 from mrl.losses import functional as LF
-from mrl.losses.base import compute_global_counts
-from mrl.losses.factory import build_loss
-from mrl.losses.metrics import MetricsAccumulator
-from mrl.losses.sft import SFTLossConfig
 from mrl.model.init import unwrap_ddp
 from mrl.rl.credit import token_credits, token_group_advantages
 from mrl.rl.rollout import build_rollout_source
 from mrl.rl.targets import outcome_value_targets
-from mrl.train.forward import annotate_logprobs
-from mrl.train.schedules import Scheduler, SchedulerConfig
-from mrl.train.step import TrainStep
 from mrl.train.trainer import Trainer
 
 
@@ -65,12 +57,10 @@ class GRPOTrainer(Trainer):
                              dp_rank=self.layout.dp_rank, dp_size=self.layout.dp)
 
     def _build_reference(self):
-        if self.cfg.reference.source == "none" and self.cfg.rollout.sft_warmup_steps > 0 and self._needs_kl():
+        if self.cfg.reference.source == "none" and self.cfg.rollout.sft_warmup_steps > 0 \
+                and self.batch_needs().reference_logprobs:
             raise ValueError("a KL penalty after SFT warm-up needs reference.source: initial")
         return super()._build_reference()
-
-    def _needs_kl(self) -> bool:
-        return getattr(self.cfg.loss, "kl_coef", 0.0) > 0
 
     # Rollouts -----------------------------------------------------------------------------------
 
@@ -107,8 +97,8 @@ class GRPOTrainer(Trainer):
         micro = cfg.train.micro_batch_size
         micro_batches = [_stack(rows[i: i + micro], self.device) for i in range(0, len(rows), micro)]
         scored_at = time.monotonic()
-        self._annotate(micro_batches)
-        if cfg.loss.kind == "ppo" and cfg.model.value_head:
+        self.annotate(micro_batches)
+        if self.batch_needs().value_targets and cfg.model.value_head:
             for batch in micro_batches:
                 outcome_value_targets(batch)
         metrics = self._rollout_metrics(rewards, completions, adv_metrics)
@@ -160,22 +150,9 @@ class GRPOTrainer(Trainer):
         row = {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).long(),
                "position_ids": torch.arange(length), "advantages": advantage,
                "rewards": torch.tensor(reward), "rollout_logprobs": sampled}
-        if getattr(self.cfg.loss, "is_correction", "none") != "none":
+        if "behaviour_logprobs" in self.batch_needs().keys:
             row["behaviour_logprobs"] = sampled  # the loss's importance weights: old vs rollout engine
         return row
-
-    def _annotate(self, micro_batches: list[dict]) -> None:
-        cfg = self.cfg
-        temperature = getattr(cfg.loss, "temperature", 1.0)
-        annotate_logprobs(self.model, micro_batches, self.layout, key="old_logprobs",
-                          vocab_size=cfg.model.vocab_size, temperature=temperature,
-                          values_key="old_values" if cfg.model.value_head else None,
-                          chunk_size=cfg.loss.chunk_size)
-        if self.reference is not None and self._needs_kl():
-            annotate_logprobs(self.reference, micro_batches, self.layout, key="ref_logprobs",
-                              vocab_size=cfg.model.vocab_size, temperature=temperature,
-                              keep_logits_key="ref_logits" if cfg.reference.keep_logits else None,
-                              chunk_size=cfg.loss.chunk_size)
 
     def _rollout_metrics(self, rewards: torch.Tensor, completions: list[list[int]], adv_metrics) -> dict:
         """Global (all DP ranks) reward statistics; identical on every rank."""
@@ -239,47 +216,23 @@ class GRPOTrainer(Trainer):
 
     # SFT warm-up ------------------------------------------------------------------------------
 
-    def train(self):
-        try:
-            if self.step == 0 and self.cfg.rollout.sft_warmup_steps > 0 and not self._has_checkpoint():
-                self._sft_warmup()
-            return super().train()
-        finally:
-            close = getattr(self.rollout_source, "close", None)
-            if close is not None:  # an engine's processes end with the run
-                close()
+    def before_training(self) -> None:
+        if self.step == 0 and self.cfg.rollout.sft_warmup_steps > 0 and not self._has_checkpoint():
+            self._sft_warmup()
+
+    def close(self) -> None:
+        close = getattr(self.rollout_source, "close", None)
+        if close is not None:  # an engine's processes end with the run
+            close()
 
     def _has_checkpoint(self) -> bool:
         return (self.checkpoint_dir / "latest").exists()
 
     def _sft_warmup(self) -> None:
+        """SFT steps on rollout.warmup_data; the reference then starts from the warmed-up policy."""
         cfg = self.cfg
-        data_cfg = cfg.rollout.warmup_data
-        loader = build_data_loader(
-            build_dataset(data_cfg, self.tokenizer), global_batch_size=cfg.train.global_batch_size,
-            micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
-            pad_to_multiple_of=cfg.sequence_multiple(),
-        )
-        constant = Scheduler(SchedulerConfig(style="constant"), self.optimizer, cfg.rollout.warmup_lr or cfg.optim.lr,
-                             cfg.optim.weight_decay, cfg.rollout.sft_warmup_steps)
-        step_fn = TrainStep(self.model, self.optimizer, constant, self.layout,
-                            build_loss(SFTLossConfig(), vocab_size=cfg.model.vocab_size), MetricsAccumulator,
-                            max_consecutive_bad_steps=cfg.train.max_consecutive_bad_steps)
-        log_path = Path(cfg.log.output_dir) / "warmup_metrics.jsonl"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        total, started = cfg.rollout.sft_warmup_steps, time.monotonic()
-        for warm_step in range(1, total + 1):
-            batches = [b.to(self.device).as_dict() for b in loader.next_step()]
-            result = step_fn(batches, compute_global_counts(batches, self.layout.dp_group))
-            if self.log.enabled:
-                with open(log_path, "a") as handle:
-                    handle.write(json.dumps({"warmup_step": warm_step, "loss": result.loss,
-                                             "grad_norm": result.grad_norm}) + "\n")
-                if warm_step % cfg.train.log_interval == 0 or warm_step == total:
-                    eta = (time.monotonic() - started) / warm_step * (total - warm_step)
-                    print(f"sft warm-up {warm_step}/{total} | loss {result.loss:.4f} | "
-                          f"eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
-        self.scheduler.apply()  # back to the GRPO schedule
+        self.sft_steps(cfg.rollout.warmup_data, cfg.rollout.sft_warmup_steps, cfg.rollout.warmup_lr or cfg.optim.lr,
+                       Path(cfg.log.output_dir) / "warmup_metrics.jsonl")
         if self.reference is not None:
             _copy_weights(self.model, self.reference)
 

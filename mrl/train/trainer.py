@@ -5,7 +5,7 @@ advantages from the rollout rewards of its data, ``mrl.rl.grpo.GRPOTrainer`` rep
 source with online rollouts. One step:
 
     micro_batches = next_batches()            # this DP rank's rows of the global batch
-    prepare(micro_batches)                    # reference / old-policy log-probs, advantages
+    prepare(micro_batches)                    # what the loss's batch_needs ask for
     counts = global counts                    # one all-reduce over DP
     result = step(micro_batches, counts)      # forward/backward, guard, optimizer step
     log; maybe checkpoint
@@ -13,6 +13,7 @@ source with online rollouts. One step:
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -22,9 +23,10 @@ import torch.distributed as dist
 
 from mrl.config.job import JobConfig
 from mrl.data import build_data_loader, build_dataset, build_tokenizer
-from mrl.losses.base import compute_global_counts
+from mrl.losses.base import BatchNeeds, compute_global_counts
 from mrl.losses.factory import build_loss
 from mrl.losses.metrics import MetricsAccumulator
+from mrl.losses.sft import SFTLossConfig
 from mrl.model.builder import build_model, freeze
 from mrl.model.hf import is_hf_model_dir, load_hf_weights_
 from mrl.parallel.layout import ParallelLayout
@@ -41,7 +43,7 @@ from mrl.train.forward import annotate_logprobs
 from mrl.train.loggers import flat_config
 from mrl.train.metrics_log import MetricsLog
 from mrl.train.optim import build_optimizer, wrap_ddp
-from mrl.train.schedules import Scheduler
+from mrl.train.schedules import Scheduler, SchedulerConfig
 from mrl.train.step import StepResult, TrainStep
 from mrl.train.stop import StopSignals, signal_name
 
@@ -60,12 +62,12 @@ class Trainer:
             raise ValueError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} ids"
             )
+        self.loss_fn = build_loss(cfg.loss, vocab_size=cfg.model.vocab_size)
         chunks = build_model(cfg.model, cfg.precision, layout, cfg.device, seed=cfg.seed)
         self.reference = self._build_reference()
         self.model = wrap_ddp(chunks, cfg.optim, layout)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.precision, layout)
         self.scheduler = Scheduler(cfg.scheduler, self.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.train.steps)
-        self.loss_fn = build_loss(cfg.loss, vocab_size=cfg.model.vocab_size)
         self.train_step = TrainStep(self.model, self.optimizer, self.scheduler, layout, self.loss_fn,
                                     MetricsAccumulator, max_consecutive_bad_steps=cfg.train.max_consecutive_bad_steps)
         self.log = MetricsLog(self.output_dir, enabled=dist.get_rank() == dist.get_world_size() - 1,
@@ -82,11 +84,15 @@ class Trainer:
     # Construction -------------------------------------------------------------------------------
 
     def _build_data(self):
+        return self.data_loader(self.cfg.data)
+
+    def data_loader(self, data_cfg):
+        """A loader of this rank's rows of ``data_cfg``, with the job's batch sizes and padding."""
         cfg = self.cfg
-        dataset = build_dataset(cfg.data, self.tokenizer)
         return build_data_loader(
-            dataset, global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, pad_to_multiple_of=cfg.sequence_multiple(),
+            build_dataset(data_cfg, self.tokenizer), global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
+            pad_to_multiple_of=cfg.sequence_multiple(),
         )
 
     def _build_reference(self) -> list | None:
@@ -113,21 +119,31 @@ class Trainer:
     # The loop -----------------------------------------------------------------------------------
 
     def train(self) -> list[StepResult]:
-        self._resume()
-        results = []
-        with self.stop_signals.at_step_boundaries():
-            while self.step < self.cfg.train.steps:
-                results.append(self.train_one_step())
-                saved = self._should_save()
-                if saved:
-                    self.save()
-                signum = self.stop_signals.agreed(self.device)
-                if signum:
-                    self._stop_early(signal_name(signum), saved)
-                    break
-        self.log.close()
-        self._summarize()
-        return results
+        try:
+            self.before_training()
+            self._resume()
+            results = []
+            with self.stop_signals.at_step_boundaries():
+                while self.step < self.cfg.train.steps:
+                    results.append(self.train_one_step())
+                    saved = self._should_save()
+                    if saved:
+                        self.save()
+                    signum = self.stop_signals.agreed(self.device)
+                    if signum:
+                        self._stop_early(signal_name(signum), saved)
+                        break
+            self.log.close()
+            self._summarize()
+            return results
+        finally:
+            self.close()
+
+    def before_training(self) -> None:
+        """Runs first in ``train``, before any checkpoint is resumed (e.g. an SFT warm-up)."""
+
+    def close(self) -> None:
+        """Runs last in ``train``, also after an error: release what the trainer started."""
 
     def _summarize(self) -> None:
         """The end-of-run summary: what was trained, and where its outputs are."""
@@ -168,20 +184,53 @@ class Trainer:
         """This rank's micro-batches for the next step, and metrics about them."""
         return [batch.to(self.device).as_dict() for batch in self.data.next_step()], {}
 
+    def batch_needs(self) -> BatchNeeds:
+        """What the step's batches need beyond the data: the loss's ``batch_needs``."""
+        return self.loss_fn.batch_needs
+
     def prepare(self, micro_batches: list[dict]) -> None:
-        """Add the reference and old-policy log-probs the loss needs."""
-        cfg = self.cfg
-        temperature = getattr(cfg.loss, "temperature", 1.0)
-        if self.reference is not None:
+        """Add what ``batch_needs`` asks for (``annotate``), then let the loss read the whole step."""
+        self.annotate(micro_batches)
+        self.loss_fn.prepare_step(micro_batches, self.layout.dp_group, self.layout.tp_group)
+
+    def annotate(self, micro_batches: list[dict]) -> None:
+        """Forward-only passes for the log-probs ``batch_needs`` asks for: the reference model's
+        (``ref_logprobs``, with ``ref_logits`` when kept) and the policy's before the update
+        (``old_logprobs``, with the value head's ``old_values``), unless the batches carry them."""
+        cfg, needs = self.cfg, self.batch_needs()
+        common = dict(vocab_size=cfg.model.vocab_size, temperature=needs.temperature, chunk_size=cfg.loss.chunk_size)
+        if self.reference is not None and needs.reference_logprobs:
+            keep_logits = needs.reference_logits or cfg.reference.keep_logits
             annotate_logprobs(self.reference, micro_batches, self.layout, key="ref_logprobs",
-                              vocab_size=cfg.model.vocab_size, temperature=temperature,
-                              keep_logits_key="ref_logits" if cfg.reference.keep_logits else None,
-                              chunk_size=cfg.loss.chunk_size)
-        if cfg.loss.kind in ("grpo", "ppo") and "old_logprobs" not in micro_batches[0]:
+                              keep_logits_key="ref_logits" if keep_logits else None, **common)
+        if needs.old_logprobs and "old_logprobs" not in micro_batches[0]:
             annotate_logprobs(self.model, micro_batches, self.layout, key="old_logprobs",
-                              vocab_size=cfg.model.vocab_size, temperature=temperature,
-                              values_key="old_values" if cfg.model.value_head else None,
-                              chunk_size=cfg.loss.chunk_size)
+                              values_key="old_values" if cfg.model.value_head else None, **common)
+
+    def sft_steps(self, data_cfg, steps: int, lr: float, log_path: Path) -> None:
+        """``steps`` SFT optimizer steps on ``data_cfg`` at a constant ``lr``, outside the run's
+        schedule, step count and checkpoints (a warm-up before it). Each step's loss and gradient
+        norm go to ``log_path`` (jsonl), with a progress line every ``train.log_interval`` steps."""
+        cfg = self.cfg
+        loader = self.data_loader(data_cfg)
+        constant = Scheduler(SchedulerConfig(style="constant"), self.optimizer, lr, cfg.optim.weight_decay, steps)
+        step_fn = TrainStep(self.model, self.optimizer, constant, self.layout,
+                            build_loss(SFTLossConfig(), vocab_size=cfg.model.vocab_size), MetricsAccumulator,
+                            max_consecutive_bad_steps=cfg.train.max_consecutive_bad_steps)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        for step in range(1, steps + 1):
+            batches = [b.to(self.device).as_dict() for b in loader.next_step()]
+            result = step_fn(batches, compute_global_counts(batches, self.layout.dp_group))
+            if self.log.enabled:
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps({"warmup_step": step, "loss": result.loss,
+                                             "grad_norm": result.grad_norm}) + "\n")
+                if step % cfg.train.log_interval == 0 or step == steps:
+                    eta = (time.monotonic() - started) / step * (steps - step)
+                    print(f"sft warm-up {step}/{steps} | loss {result.loss:.4f} | "
+                          f"eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
+        self.scheduler.apply()  # back to the run's schedule
 
     # Logging and checkpoints ----------------------------------------------------------------------
 
