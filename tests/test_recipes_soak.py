@@ -41,6 +41,8 @@ def _mean(values) -> float:
     # What moves is the policy: its entropy falls as it concentrates on the rewarded responses.
     ("configs/offline-grpo-tiny-cpu.yaml", "entropy", -1),
     ("configs/grpo-tiny-cpu.yaml", "reward_mean", +1),
+    # REINFORCE++ with KL in the reward: reward_mean 0.242 (first 5 steps) -> 0.345 (last 5), 6:20 on 4 CPU ranks.
+    ("configs/grpo-tiny-reinforcepp-cpu.yaml", "reward_mean", +1),
 ])
 def test_recipe_trains_learns_and_resumes(tmp_path, recipe, metric, direction):
     first = _train(recipe, tmp_path)

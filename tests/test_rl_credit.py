@@ -7,7 +7,8 @@ import torch
 
 from mrl.data.tasks import character_credit, load_reward_fn, partial_credit
 from mrl.data.tokenizer import ByteTokenizer
-from mrl.rl.credit import token_credits, token_group_advantages
+from mrl.rl.advantages import token_group_advantages
+from mrl.rl.credit import token_credits
 
 
 @pytest.mark.parametrize("text,target", [("cba", "cba"), ("abc", "cba"), ("cbx", "cba"), ("cb", "cba"), ("cbaa", "cba")])

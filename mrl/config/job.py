@@ -159,6 +159,9 @@ class JobConfig:
             raise ValueError("exact KL / distillation needs reference.keep_logits: true")
         if self.loss.kind == "ppo" and getattr(self.loss, "value_coef", 0.0) > 0 and not self.model.value_head:
             raise ValueError("loss.value_coef > 0 needs model.value_head: true")
+        if self.algorithm in ("grpo", "offline-rl"):
+            self.rollout.check_job(algorithm=self.algorithm, value_head=self.model.value_head,
+                                   reference=self.reference.source)
         if self.data.tokenizer == "byte" and self.model.vocab_size < 259:
             raise ValueError(
                 f"model.vocab_size={self.model.vocab_size} is smaller than the byte tokenizer's 259 ids"

@@ -10,6 +10,13 @@ from mrl.data.config import DataConfig
 
 GIB = 2**30
 
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("grpo", "rloo", "gae", "reinforce++", "reinforce++-baseline", "remax",
+                                         "opo", "passk", "optimal-token-baseline")
+"""The names of ``mrl.rl.advantages.ESTIMATORS`` (this module stays free of torch)."""
+
+KL_IN_REWARD_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce++", "reinforce++-baseline", "optimal-token-baseline")
+"""Estimators with per-token rewards, to which rollout.kl_in_reward_coef applies."""
+
 
 @dataclass
 class VLLMConfig:
@@ -122,6 +129,38 @@ class RolloutConfig:
     leave_one_out: bool = False
     """Baseline each response with the mean of the other responses of its group (RLOO)."""
 
+    advantage_estimator: Literal["grpo", "rloo", "gae", "reinforce++", "reinforce++-baseline", "remax", "opo",
+                                 "passk", "optimal-token-baseline"] = "grpo"
+    """How rewards become advantages (mrl.rl.advantages; every estimator's docstring gives its
+    formula and source). grpo: group-normalised rewards (normalize_std, leave_one_out; per-token
+    credits: per position); with loss.kind ppo and a value head it is the critic's R − V_old, as
+    always. rloo: leave-one-out group mean, no std division. gae: GAE(gamma, lam) from the value
+    head (needs model.value_head), whitened. reinforce++: discounted return-to-go, whitened over the
+    global batch. reinforce++-baseline: the same after subtracting the group mean reward. remax:
+    minus the reward of the prompt's greedy completion (online GRPO, megatron engine). opo:
+    minus the length-weighted group mean. passk: the pass@k / max@k advantage of PKPO (pass_k).
+    optimal-token-baseline: per-token baseline weighted by the accumulated score-norm proxy."""
+
+    gamma: float = 1.0
+    """Discount γ in [0, 1] of the token-level estimators (gae, reinforce++, reinforce++-baseline,
+    optimal-token-baseline)."""
+
+    lam: float = 1.0
+    """GAE λ in [0, 1] (advantage_estimator: gae); γ = λ = 1 gives return-to-go minus value."""
+
+    whiten_advantages: bool = True
+    """gae, reinforce++ and reinforce++-baseline: whiten the advantages, (A − mean) / std over the
+    valid tokens of the global batch (every DP rank)."""
+
+    kl_in_reward_coef: float = 0.0
+    """β of KL as a reward penalty: every token's reward gets −β·(log π_old − log π_ref) before
+    the estimator (gae, reinforce++, reinforce++-baseline, optimal-token-baseline; needs a reference
+    model). Independent of loss.kl_coef, the KL term of the loss; 0 disables."""
+
+    pass_k: int = 2
+    """k of advantage_estimator: passk (>= 2, at most rollout.group_size online; offline groups
+    smaller than k use their size)."""
+
     updates_per_rollout: int = 1
     """Mini-batches each rollout batch is split into, one optimizer step each; 1 with epochs 1 is
     strictly on-policy (ratio exactly 1)."""
@@ -162,8 +201,45 @@ class RolloutConfig:
             raise ValueError(f"rollout.warmup_lr must be > 0 or null, got {self.warmup_lr}")
         if ":" not in self.reward:
             raise ValueError(f"rollout.reward must be 'module:function', got {self.reward!r}")
+        self._check_advantages()
         if self.warmup_data.kind != "sft":
             raise ValueError(f"rollout.warmup_data.kind must be 'sft', got {self.warmup_data.kind!r}")
+
+    def _check_advantages(self) -> None:
+        estimators = ADVANTAGE_ESTIMATORS
+        if self.advantage_estimator not in estimators:
+            raise ValueError(f"rollout.advantage_estimator must be one of {', '.join(estimators)}, "
+                             f"got {self.advantage_estimator!r}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"rollout.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.kl_in_reward_coef >= 0.0:
+            raise ValueError(f"rollout.kl_in_reward_coef must be >= 0, got {self.kl_in_reward_coef}")
+        if self.kl_in_reward_coef > 0 and self.advantage_estimator not in KL_IN_REWARD_ESTIMATORS:
+            raise ValueError(f"rollout.kl_in_reward_coef applies to the estimators with per-token rewards "
+                             f"({', '.join(KL_IN_REWARD_ESTIMATORS)}), not advantage_estimator="
+                             f"{self.advantage_estimator!r}")
+        if not isinstance(self.pass_k, int) or self.pass_k < 2:
+            raise ValueError(f"rollout.pass_k must be an integer >= 2, got {self.pass_k!r}")
+
+    def check_job(self, *, algorithm: str, value_head: bool, reference: str) -> None:
+        """Cross-field checks of the advantage settings against the rest of the job (ValueError
+        naming the fields)."""
+        name = self.advantage_estimator
+        if self.kl_in_reward_coef > 0 and reference == "none":
+            raise ValueError("rollout.kl_in_reward_coef > 0 needs a reference model: set reference.source "
+                             "to 'initial' or 'checkpoint'")
+        if name == "gae" and not value_head:
+            raise ValueError("rollout.advantage_estimator=gae needs model.value_head: true (the values V(t))")
+        if name == "remax":
+            if algorithm != "grpo":
+                raise ValueError(f"rollout.advantage_estimator=remax needs online rollouts (algorithm: grpo), "
+                                 f"got algorithm={algorithm}")
+            if self.engine != "megatron":
+                raise ValueError("rollout.advantage_estimator=remax needs greedy rollouts, which "
+                                 "rollout.engine=megatron decodes; set rollout.engine: megatron")
+        if name == "passk" and algorithm == "grpo" and self.pass_k > self.group_size:
+            raise ValueError(f"rollout.pass_k={self.pass_k} must be <= rollout.group_size={self.group_size}")
 
     def wave_rows(self, bytes_per_row: int, rows_per_rank: int) -> int:
         """Rows of one decoding wave; ``ValueError`` naming the field when the budget is too small."""

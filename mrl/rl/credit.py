@@ -9,12 +9,12 @@ Token-level GRPO advantages compare the responses of one prompt position by posi
 ``r[i, t]`` the credit of token t of response i and ``G_t`` the responses that have a token t,
 ``A[i, t] = (r[i, t] − mean_{G_t} r[·, t]) / (std_{G_t} r[·, t] + ε)`` (without the division
 when ``normalize_std`` is off). Positions that only one response reaches, or where all responses
-agree, get 0 — the per-position analogue of GRPO's zero-variance groups.
+agree, get 0 — the per-position analogue of GRPO's zero-variance groups. That estimator lives with
+the others in ``mrl.rl.advantages`` (``token_group_advantages``); the token-level estimators there
+(REINFORCE++, GAE, ...) take the credits as per-token rewards.
 """
 
 from __future__ import annotations
-
-import torch
 
 
 def token_credits(decode, tokens: list[int], char_credits: list[float], eos_id: int) -> list[float]:
@@ -34,19 +34,3 @@ def token_credits(decode, tokens: list[int], char_credits: list[float], eos_id: 
     elif credits:
         credits[-1] = (credits[-1] + end) / 2
     return credits
-
-
-def token_group_advantages(credits: torch.Tensor, present: torch.Tensor, group_size: int, *,
-                           normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Per-token advantages [N, T] from credits [N, T] and the 0/1 mask of existing tokens."""
-    n, length = credits.shape
-    groups = credits.view(n // group_size, group_size, length)  # [P, G, T]
-    mask = present.view_as(groups).to(credits.dtype)
-    count = mask.sum(1, keepdim=True)  # [P, 1, T]
-    mean = (groups * mask).sum(1, keepdim=True) / count.clamp_min(1)
-    centred = (groups - mean) * mask
-    if normalize_std:
-        var = centred.square().sum(1, keepdim=True) / (count - 1).clamp_min(1)
-        centred = centred / (var.sqrt() + eps)
-    centred = torch.where(count > 1, centred, torch.zeros_like(centred))
-    return centred.view(n, length)

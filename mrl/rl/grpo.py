@@ -5,7 +5,10 @@ One rollout (per ``rollout.updates_per_rollout`` optimizer steps):
   2. completions from the ``RolloutSource`` that ``rollout.engine`` names (KV-cached decoding of
      the policy by default; a vLLM engine refit from the policy), each token with its sampling
      log-prob (``rollout_logprobs``; the loss's ``behaviour_logprobs`` when loss.is_correction is set);
-  3. rewards from the reward function; group-normalised advantages (zero-variance groups get 0);
+  3. rewards from the reward function; advantages from the estimator rollout.advantage_estimator
+     names (``mrl.rl.advantages``; group-normalised GRPO by default, zero-variance groups get 0);
+     a token-level estimator (GAE, REINFORCE++, ...) runs after step 4, on the last stage, over
+     the global batch gathered from every DP rank (``mrl.rl.advantage_batches``);
   4. old-policy log-probs (and reference log-probs for the KL term) with the same micro-batching
      as training, so the first update is exactly on-policy (ratio 1); the mismatch between them
      and the rollout log-probs is logged every rollout (``mismatch_*``);
@@ -18,6 +21,7 @@ is then the policy as the warm-up left it, and it is saved with every checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -30,10 +34,13 @@ from mrl.data.loader import build_sampler
 from mrl.data.sequences import IGNORE_INDEX
 from mrl.data.tasks import load_reward_fn
 from mrl.losses import functional as LF
+from mrl.losses.base import BatchNeeds
 from mrl.model.init import unwrap_ddp
-from mrl.rl.credit import token_credits, token_group_advantages
+from mrl.rl.advantage_batches import assign_advantages
+from mrl.rl.advantages import AdvantageInputs, estimate, get_estimator, group_advantages
+from mrl.rl.credit import token_credits
 from mrl.rl.rollout import build_rollout_source
-from mrl.rl.targets import outcome_value_targets
+from mrl.rl.targets import value_targets
 from mrl.train.trainer import Trainer
 
 
@@ -62,6 +69,13 @@ class GRPOTrainer(Trainer):
             raise ValueError("a KL penalty after SFT warm-up needs reference.source: initial")
         return super()._build_reference()
 
+    def batch_needs(self) -> BatchNeeds:
+        """The loss's needs, and the reference log-probs of a KL penalty in the reward."""
+        needs = super().batch_needs()
+        if self.cfg.rollout.kl_in_reward_coef > 0:
+            needs = dataclasses.replace(needs, reference_logprobs=True)
+        return needs
+
     # Rollouts -----------------------------------------------------------------------------------
 
     def next_batches(self) -> tuple[list[dict], dict[str, float]]:
@@ -75,6 +89,7 @@ class GRPOTrainer(Trainer):
     def _rollout(self) -> list[tuple[list[dict], dict]]:
         cfg = self.cfg
         group = cfg.rollout.group_size
+        estimator = get_estimator(cfg.rollout.advantage_estimator)
         examples = [self.prompts[i] for batch in self.data.next_step() for i in batch]
         room = cfg.data.seq_length - cfg.rollout.max_new_tokens
         prompts = [_fit(list(map(int, ex.tokens)), room) for ex in examples for _ in range(group)]
@@ -82,25 +97,27 @@ class GRPOTrainer(Trainer):
         rollout = self.rollout_source.generate(prompts, seed=cfg.seed * 1_000_003 + self.step)
         completions = rollout.completions
         generated = time.monotonic()
-        scored = [
-            self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, self.tokenizer.eos_id)), ex.answer)
-            for ex, c in zip((ex for ex in examples for _ in range(group)), completions)
-        ]
-        if isinstance(scored[0], list):  # per-character credit: token-level advantages
-            rewards, advantages, adv_metrics = self._token_advantages(completions, scored)
+        rewards, credits = self._score(examples, completions)  # [rows], per-token credits or None
+        greedy = self._greedy_rewards(examples, prompts[::group]) if "greedy_rewards" in estimator.needs else None
+        _, adv_metrics = group_advantages(rewards, group)  # group counts
+        group_ids = (self.layout.dp_rank * len(prompts) + torch.arange(len(prompts))) // group  # [rows], global
+        if estimator.token_level:  # set after the old-policy pass, on the last stage
+            advantages = [0.0] * len(prompts)
         else:
-            rewards = torch.tensor(scored, dtype=torch.float32)  # [rows]
-            advantages, adv_metrics = LF.group_advantages(rewards, group, normalize_std=cfg.rollout.normalize_std,
-                                                          leave_one_out=cfg.rollout.leave_one_out)
+            advantages = self._sequence_advantages(rewards, group_ids, completions, credits, greedy)
         rows = [self._row(p, c, lp, a, r) for p, c, lp, a, r
                 in zip(prompts, completions, rollout.logprobs, advantages, rewards.tolist())]
         micro = cfg.train.micro_batch_size
         micro_batches = [_stack(rows[i: i + micro], self.device) for i in range(0, len(rows), micro)]
         scored_at = time.monotonic()
         self.annotate(micro_batches)
+        if estimator.token_level and self.layout.is_last_stage:
+            token_rewards = None if credits is None else self._label_credits(prompts, credits)
+            assign_advantages(micro_batches, cfg.rollout, group=self.layout.dp_group, rank=self.layout.dp_rank,
+                              group_ids=group_ids, group_size=group, token_rewards=token_rewards)
         if self.batch_needs().value_targets and cfg.model.value_head:
             for batch in micro_batches:
-                outcome_value_targets(batch)
+                value_targets(batch, cfg.rollout.advantage_estimator)
         metrics = self._rollout_metrics(rewards, completions, adv_metrics)
         metrics.update(self._mismatch_metrics(micro_batches))
         timings = {"time_rollout_s": generated - started, "time_reward_s": scored_at - generated,
@@ -115,21 +132,53 @@ class GRPOTrainer(Trainer):
         updates[0] = (updates[0][0], dict(metrics, **timings))
         return updates
 
-    def _token_advantages(self, completions: list[list[int]], char_credits: list[list[float]]):
-        """Sequence rewards [rows] (mean character credit), per-token advantages, metrics."""
+    def _score(self, examples, completions: list[list[int]]):
+        """Sequence rewards [rows] and, for a reward function that returns per-character credits,
+        each completion token's credit (``token_credits``); the sequence reward is then the mean
+        character credit."""
+        group, eos = self.cfg.rollout.group_size, self.tokenizer.eos_id
+        scored = [self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, eos)), ex.answer)
+                  for ex, c in zip((ex for ex in examples for _ in range(group)), completions)]
+        if not isinstance(scored[0], list):
+            return torch.tensor(scored, dtype=torch.float32), None
+        per_token = [token_credits(self.tokenizer.decode, c, credit, eos) for c, credit in zip(completions, scored)]
+        return torch.tensor([sum(c) / len(c) for c in scored], dtype=torch.float32), per_token
+
+    def _greedy_rewards(self, examples, prompts: list[list[int]]) -> torch.Tensor:
+        """[rows] reward of the greedy completion of each row's prompt (ReMax's baseline)."""
+        greedy = self.rollout_source.generate(prompts, seed=0, greedy=True).completions
         eos = self.tokenizer.eos_id
-        per_token = [token_credits(self.tokenizer.decode, c, credit, eos) for c, credit in zip(completions, char_credits)]
-        length = max(len(c) for c in per_token)
-        credits = torch.zeros(len(per_token), length)  # [rows, T]
-        present = torch.zeros(len(per_token), length, dtype=torch.bool)
-        for row, values in enumerate(per_token):
-            credits[row, : len(values)] = torch.tensor(values)
-            present[row, : len(values)] = True
-        advantages = token_group_advantages(credits, present, self.cfg.rollout.group_size,
-                                            normalize_std=self.cfg.rollout.normalize_std)
-        rewards = torch.tensor([sum(c) / len(c) for c in char_credits], dtype=torch.float32)
-        _, metrics = LF.group_advantages(rewards, self.cfg.rollout.group_size)  # group counts only
-        return rewards, [advantages[row, : len(v)] for row, v in enumerate(per_token)], metrics
+        scores = []
+        for ex, c in zip(examples, greedy):
+            score = self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, eos)), ex.answer)
+            scores.append(sum(score) / len(score) if isinstance(score, list) else score)
+        return torch.tensor(scores, dtype=torch.float32).repeat_interleave(self.cfg.rollout.group_size)
+
+    def _sequence_advantages(self, rewards, group_ids, completions, credits, greedy) -> list:
+        """Advantages of a sequence-level estimator: a number per row, or per-token ones (token-level
+        GRPO of the credits)."""
+        cfg = self.cfg.rollout
+        inputs = AdvantageInputs(rewards, group_ids, group_size=cfg.group_size, greedy_rewards=greedy,
+                                 lengths=torch.tensor([len(c) for c in completions]))
+        if credits is not None and cfg.advantage_estimator == "grpo":
+            length = max(len(c) for c in credits)
+            inputs.token_rewards = torch.zeros(len(credits), length)  # [rows, T]
+            inputs.mask = torch.zeros(len(credits), length, dtype=torch.bool)
+            for row, values in enumerate(credits):
+                inputs.token_rewards[row, : len(values)] = torch.tensor(values)
+                inputs.mask[row, : len(values)] = True
+        advantages = estimate(cfg.advantage_estimator, inputs, cfg).advantages
+        if advantages.dim() == 1:
+            return advantages
+        return [advantages[row, : len(v)] for row, v in enumerate(credits)]
+
+    def _label_credits(self, prompts: list[list[int]], credits: list[list[float]]) -> torch.Tensor:
+        """[rows, S] each completion token's credit at its label position (as ``_row`` lays rows out)."""
+        out = torch.zeros(len(prompts), self.cfg.data.seq_length)
+        for row, (prompt, values) in enumerate(zip(prompts, credits)):
+            start = len(prompt) - 1
+            out[row, start: start + len(values)] = torch.tensor(values)
+        return out.to(self.device)
 
     def _row(self, prompt: list[int], completion: list[int], logprobs: list[float], advantage, reward: float) -> dict:
         length = self.cfg.data.seq_length

@@ -31,7 +31,9 @@ class Rollout:
 class RolloutSource(Protocol):
     """Produces completions for prompts; every rank of a DP replica returns the same ``Rollout``."""
 
-    def generate(self, prompts: list[list[int]], seed: int) -> Rollout:
+    def generate(self, prompts: list[list[int]], seed: int, *, greedy: bool = False) -> Rollout:
+        """Completions of ``prompts``; ``greedy``: the most likely token at every step (after
+        temperature, top-k and top-p) instead of a draw (ReMax's baseline rollouts)."""
         ...
 
 

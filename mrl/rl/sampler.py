@@ -17,6 +17,7 @@ rollout is reproducible on a given layout.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -59,9 +60,11 @@ class PolicySampler:
                    max_length=cfg.data.seq_length, sampling=sampling, wave_rows=wave_rows, log=log)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], seed: int) -> Rollout:
-        """Completions (ending with eos unless cut at max_new_tokens) and their log-probs."""
+    def generate(self, prompts: list[list[int]], seed: int, *, greedy: bool = False) -> Rollout:
+        """Completions (ending with eos unless cut at max_new_tokens) and their log-probs;
+        ``greedy``: the most likely (kept) token at every step instead of a draw."""
         started = time.monotonic()
+        sampling = replace(self.sampling, greedy=True) if greedy else self.sampling
         self._check(prompts)
         completions: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
@@ -73,7 +76,7 @@ class PolicySampler:
             with sequence_parallel_disabled(self.chunks) as switched_off:
                 self._note_sequence_parallel(switched_off)
                 for index, rows in enumerate(waves):
-                    tokens, lps = self._decode_wave([prompts[r] for r in rows], seed, index)
+                    tokens, lps = self._decode_wave([prompts[r] for r in rows], seed, index, sampling)
                     for row, row_tokens, row_lps in zip(rows, tokens, lps):
                         completions[row], logprobs[row] = row_tokens, row_lps
         finally:
@@ -110,7 +113,7 @@ class PolicySampler:
 
     # One wave -----------------------------------------------------------------------------------
 
-    def _decode_wave(self, prompts: list[list[int]], seed: int, wave: int):
+    def _decode_wave(self, prompts: list[list[int]], seed: int, wave: int, sampling: SamplingParams):
         rows = len(prompts)
         longest = max(len(p) for p in prompts)
         pad = torch.tensor([longest - len(p) for p in prompts])  # [rows] leading pads
@@ -125,7 +128,7 @@ class PolicySampler:
         active = torch.arange(rows)  # wave rows still decoding, in cache order
         logits = decoder.prefill(tokens, pad)
         for step in range(self.max_new_tokens):
-            picked, lps = self._sample(logits, rows, active, rank_noise, shared_noise)
+            picked, lps = self._sample(logits, rows, active, rank_noise, shared_noise, sampling)
             for row, token, lp in zip(active.tolist(), picked.tolist(), lps.tolist()):
                 out_tokens[row].append(token)
                 out_lps[row].append(lp)
@@ -145,13 +148,13 @@ class PolicySampler:
         shared = torch.Generator(device=device).manual_seed(hash(base + (-1,)) % 2**62)
         return rank, shared
 
-    def _sample(self, logits, rows: int, active: torch.Tensor, rank_gen, shared_gen):
+    def _sample(self, logits, rows: int, active: torch.Tensor, rank_gen, shared_gen, sampling: SamplingParams):
         """Tokens and log-probs of the active rows, sampled on the last stage, known to every stage."""
         count = len(active)
         packed = torch.zeros((2, count), dtype=torch.float64, device=rank_gen.device)
         if self.layout.is_last_stage:
             sampled = vocab_parallel_sample(
-                logits, self.layout.tp_group, self.sampling, vocab_size=self.vocab_size,
+                logits, self.layout.tp_group, sampling, vocab_size=self.vocab_size,
                 rank_noise=RowNoise(rank_gen, rows, active), shared_noise=RowNoise(shared_gen, rows, active),
             )
             packed[0], packed[1] = sampled.tokens, sampled.logprobs

@@ -80,7 +80,9 @@ class VLLMRolloutSource:
 
     # RolloutSource --------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], seed: int) -> Rollout:
+    def generate(self, prompts: list[list[int]], seed: int, *, greedy: bool = False) -> Rollout:
+        if greedy:  # JobConfig.validate refuses rollout.advantage_estimator=remax with this engine
+            raise RolloutEngineError("greedy rollouts are not wired for the vLLM engine; use rollout.engine: megatron")
         started = time.monotonic()
         moved = self.refit()
         refit_s = time.monotonic() - started
