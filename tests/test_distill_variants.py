@@ -74,7 +74,23 @@ def case_ops(tp: int, seed: int, dtype_name: str, chunk_size):
         check(f"{tag} logprobs_at T=0.8",
               lambda s: ops.vocab_parallel_logprobs_at(s, ids, group, temperature=0.8, **kw),
               lambda f: _ref_logp(f, vocab, 0.8).gather(-1, ids), [q], gen)
+        check(f"{tag} logprobs_at with rest",
+              lambda s: torch.cat([a if a.dim() == 3 else a.unsqueeze(-1)
+                                   for a in ops.vocab_parallel_logprobs_at(s, ids, group, rest=True, **kw)], -1),
+              lambda f: _ref_at_and_rest(_ref_logp(f, vocab), ids), [q], gen)
+        # The rest keeps its precision when the ids hold almost all the mass (1 − Σ would not).
+        peaked = q.clone()
+        peaked.scatter_(-1, ids, 40.0)
+        check(f"{tag} logprobs_at rest of a peaked row",
+              lambda s: ops.vocab_parallel_logprobs_at(s, ids, group, rest=True, **kw)[1],
+              lambda f: _ref_at_and_rest(_ref_logp(f, vocab), ids)[..., -1], [peaked], gen)
     return check.errors
+
+
+def _ref_at_and_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[..., k + 1]: log p at the ids, and log Σ p over every other token."""
+    others = logp.scatter(-1, ids, float("-inf"))
+    return torch.cat([logp.gather(-1, ids), others.logsumexp(-1, keepdim=True)], -1)
 
 
 def case_hostile_ops(tp: int, seed: int):
@@ -91,6 +107,9 @@ def case_hostile_ops(tp: int, seed: int):
               lambda a, b: ref_jsd(_ref_logp(a, TRUE_V), _ref_logp(b, TRUE_V), 0.3), [p, q], gen)
         check(f"1e4 {dtype} logprobs_at", lambda s: ops.vocab_parallel_logprobs_at(s, ids, group, vocab_size=TRUE_V),
               lambda f: _ref_logp(f, TRUE_V).gather(-1, ids), [q], gen)
+        check(f"1e4 {dtype} logprobs_at rest",
+              lambda s: ops.vocab_parallel_logprobs_at(s, ids, group, rest=True, vocab_size=TRUE_V)[1].clamp_min(-80),
+              lambda f: _ref_at_and_rest(_ref_logp(f, TRUE_V), ids)[..., -1].clamp_min(-80), [q], gen)
     return check.errors
 
 

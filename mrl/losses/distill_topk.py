@@ -10,9 +10,11 @@ the k picked logits cross ranks). Both are then compared as distributions over a
   with mass 1 − Σ_i e^{t_i} (teacher) and 1 − Σ_i e^{s_i} (student). This is the exact divergence
   between the two distributions coarsened to those categories, so it is ≤ the full-vocabulary one
   (data processing), 0 iff the student matches the teacher on the k tokens and on the tail mass, and
-  it keeps the student's total mass on the teacher's top-k calibrated. A bucket's log-mass is
-  log(1 − e^L) with L = logsumexp of the k log-probs; L is capped at log(1 − 2⁻²⁴) (the resolution
-  of 1 − Σ in fp32), so a bucket never holds less than ≈6e-8 and its log stays finite.
+  it keeps the student's total mass on the teacher's top-k calibrated. The student's bucket is the
+  sum over the other tokens itself (``vocab_parallel_logprobs_at(rest=True)``), accurate however
+  much mass the k tokens hold; 1 − Σ_i e^{s_i} would cancel and amplify rounding by 1/(1 − Σ). The
+  teacher ships only its k log-probs, so its bucket is log(1 − e^L) with L = logsumexp of them,
+  L capped at log(1 − 2⁻²⁴) (the resolution of 1 − Σ in fp32): it never holds less than ≈6e-8.
 - ``tail="renormalize"``: k categories, both distributions renormalised over the k tokens,
   t̃_i = t_i − logsumexp(t), s̃_i = s_i − logsumexp(s) (NeMo RL's default, ``zero_outside_topk:
   false``). Invariant to the mass outside the top-k: the student's tail is left unconstrained.
@@ -37,13 +39,18 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def topk_categories(logprobs_k: torch.Tensor, tail: str) -> torch.Tensor:
-    """``[..., k]`` log-probs of k tokens → ``[..., C]`` log-probs of the categories of ``tail``."""
+def topk_categories(logprobs_k: torch.Tensor, tail: str, rest: torch.Tensor | None = None) -> torch.Tensor:
+    """``[..., k]`` log-probs of k tokens → ``[..., C]`` log-probs of the categories of ``tail``;
+    ``rest`` ``[...]``: the bucket's log-mass when known exactly (else log(1 − Σ), capped)."""
     if tail == "renormalize":
         return logprobs_k - torch.logsumexp(logprobs_k, dim=-1, keepdim=True)
     if tail == "bucket":
-        mass = torch.logsumexp(logprobs_k, dim=-1, keepdim=True).clamp(max=_MAX_LOG_MASS)  # [..., 1]
-        return torch.cat([logprobs_k, log1mexp(mass)], dim=-1)
+        if rest is None:
+            mass = torch.logsumexp(logprobs_k, dim=-1, keepdim=True).clamp(max=_MAX_LOG_MASS)  # [..., 1]
+            bucket = log1mexp(mass)
+        else:
+            bucket = rest.unsqueeze(-1)
+        return torch.cat([logprobs_k, bucket], dim=-1)
     raise ValueError(f"top-k tail must be one of {list(TAILS)}, got {tail!r}")
 
 
@@ -71,12 +78,14 @@ def categorical_divergence(teacher: torch.Tensor, student: torch.Tensor, directi
 
 
 def topk_divergence(student_logprobs_k: torch.Tensor, teacher_logprobs_k: torch.Tensor, *, tail: str,
-                    direction: str = "forward", beta: float = 0.5) -> torch.Tensor:
+                    direction: str = "forward", beta: float = 0.5,
+                    student_rest: torch.Tensor | None = None) -> torch.Tensor:
     """``[...]`` divergence of the student from the teacher over the teacher's top-k (module docstring).
 
-    Both ``[..., k]`` log-probs (full-vocabulary softmaxes) at the same ids; fp32 math whatever
-    the input dtype; the teacher side carries no gradient.
+    Both ``[..., k]`` log-probs (full-vocabulary softmaxes) at the same ids, ``student_rest`` ``[...]``
+    the student's log-mass outside them (``tail="bucket"``; None: from 1 − Σ); fp32 math whatever the
+    input dtype; the teacher side carries no gradient.
     """
     teacher = topk_categories(teacher_logprobs_k.detach().float(), tail)
-    student = topk_categories(student_logprobs_k.float(), tail)
+    student = topk_categories(student_logprobs_k.float(), tail, None if student_rest is None else student_rest.float())
     return categorical_divergence(teacher, student, direction, beta)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mrl.losses.base import split_model_output
-from mrl.ops import vocab_parallel_logprobs
+from mrl.ops import vocab_parallel_logprobs, vocab_parallel_topk
 from mrl.ops.fused_head import FusedHead
 from mrl.parallel.layout import ParallelLayout
 from mrl.model.moe import RoutingReplay
@@ -21,10 +21,13 @@ from mrl.train.step import run_schedule
 @torch.no_grad()
 def annotate_logprobs(chunks: list, micro_batches: list[dict], layout: ParallelLayout, *, key: str,
                       vocab_size: int, temperature: float = 1.0, keep_logits_key: str | None = None,
-                      values_key: str | None = None, chunk_size: int | None = None) -> None:
+                      keep_topk: tuple[str, str, int] | None = None, values_key: str | None = None,
+                      chunk_size: int | None = None) -> None:
     """Store ``log p(labels)`` of ``chunks``' model as ``batch[key]`` ([B, S] fp32) on the last stage.
 
-    ``keep_logits_key`` also stores the vocab-sharded logits; ``values_key`` the value head's
+    ``keep_logits_key`` also stores the vocab-sharded logits; ``keep_topk = (ids_key, logprobs_key,
+    k)`` the ids and log-probs of the model's k most likely tokens per position ([B, S, k], the same
+    on every TP rank; one micro-batch's logits at a time, never the step's); ``values_key`` the value head's
     output. Positions with ``labels == ignore_index`` get 0. A policy with ``model.moe_routing_replay``
     also records each token's experts (``mrl.model.moe.ROUTING_KEY``), which its training passes replay.
     """
@@ -40,6 +43,12 @@ def annotate_logprobs(chunks: list, micro_batches: list[dict], layout: ParallelL
         )
         if keep_logits_key is not None:
             batch[keep_logits_key] = logits.detached() if isinstance(logits, FusedHead) else logits.detach().clone()
+        if keep_topk is not None:
+            ids_key, logprobs_key, k = keep_topk
+            shard = logits.logits() if isinstance(logits, FusedHead) else logits
+            top = vocab_parallel_topk(shard, k, layout.tp_group, temperature=temperature, vocab_size=vocab_size,
+                                      chunk_size=chunk_size)
+            batch[ids_key], batch[logprobs_key] = top.indices, top.logprobs
         if values_key is not None and values is not None:
             batch[values_key] = values.detach().float()
         zero = torch.zeros((), dtype=torch.float32, device=logits.device)
