@@ -7,7 +7,7 @@ vocab-parallel ops and return ``(loss, metrics)`` divided by the step's global c
 """
 
 from mrl.losses import functional
-from mrl.losses.base import BATCH_KEYS, GlobalCounts, Loss, compute_global_counts, token_mask
+from mrl.losses.base import BATCH_KEYS, BatchNeeds, GlobalCounts, Loss, LossInputs, compute_global_counts, token_mask
 from mrl.losses.distill import DistillLoss, DistillLossConfig
 from mrl.losses.dpo import DPOLoss, DPOLossConfig
 from mrl.losses.factory import LOSSES, LossConfig, build_loss, loss_config_from_dict
@@ -17,6 +17,7 @@ from mrl.losses.sft import SFTLoss, SFTLossConfig
 
 __all__ = [
     "BATCH_KEYS",
+    "BatchNeeds",
     "LOSSES",
     "DPOLoss",
     "DPOLossConfig",
@@ -25,6 +26,7 @@ __all__ = [
     "GlobalCounts",
     "Loss",
     "LossConfig",
+    "LossInputs",
     "Metric",
     "Metrics",
     "MetricsAccumulator",

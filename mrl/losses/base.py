@@ -19,6 +19,12 @@ It returns the scalar loss (a fragment of the global mean) and ``dict[str, Metri
 ``MetricsAccumulator``. Each loss declares ``required_keys`` (missing ones raise ``ValueError``
 naming them) and ``normalizer`` ("tokens", "seqs" or "pairs"), the count its loss is divided by.
 
+``Loss.__call__`` is the same for every loss and cannot be overridden: it splits the model
+output, checks the keys, the logits' and labels' shapes, the loss's own inputs
+(``check_inputs``) and, in one device reduction, their values, builds the token mask, then calls
+the loss's ``compute`` with the checked ``LossInputs`` and adds the token / sequence counts to its
+metrics. A new loss implements ``compute`` (and ``check_inputs`` for inputs beyond the labels).
+
 Valid tokens are those with ``labels != ignore_index`` and, when given, ``loss_mask != 0``.
 
 Input checks. Shapes and keys are checked on the host (free). Values (labels inside the
@@ -32,7 +38,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -182,8 +188,42 @@ class LossConfigBase:
             raise ValueError(f"loss.validate must be true or false, got {self.validate!r}")
 
 
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch's inputs after ``Loss.__call__`` checked them: what ``Loss.compute`` gets."""
+
+    logits: Any
+    """``[B, S, V/tp]`` this rank's vocabulary shard of the logits (a tensor, or a ``FusedHead``)."""
+
+    values: torch.Tensor | None
+    """``[B, S]`` the value head's output, or None when the model has none."""
+
+    batch: Mapping[str, torch.Tensor]
+    """The micro-batch (``BATCH_KEYS``)."""
+
+    mask: torch.Tensor
+    """``[B, S]`` bool: valid tokens (``token_mask``)."""
+
+    safe_labels: torch.Tensor
+    """``[B, S]`` the labels, with ``ignore_index`` at every invalid token."""
+
+    checked: dict[str, torch.Tensor]
+    """The float inputs ``check_inputs`` returned (shape-checked; finite at valid tokens when the
+    config's ``validate`` is on; NaN/inf may remain at invalid ones)."""
+
+    counts: GlobalCounts
+    """The step's global denominators."""
+
+    group: Any = None
+    """The TP process group the logits are sharded over (None: unsharded)."""
+
+
 class Loss(abc.ABC):
-    """A loss object: ``loss_fn(output, batch, counts, group) -> (loss, metrics)`` (module docstring)."""
+    """A loss object: ``loss_fn(output, batch, counts, group) -> (loss, metrics)`` (module docstring).
+
+    Subclasses implement ``compute`` and, for inputs beyond the labels, ``check_inputs`` (and
+    ``value_flags``); ``__call__``, which checks every input first, is final.
+    """
 
     kind: ClassVar[str]
     """The name ``build_loss`` selects this loss by."""
@@ -193,6 +233,12 @@ class Loss(abc.ABC):
 
     normalizer: str
     """The global count the loss is divided by: "tokens", "seqs" or "pairs"."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides Loss.__call__, which validates every input before the loss; "
+                            "implement compute() (and check_inputs() for the loss's own inputs) instead")
 
     def __init__(self, config: LossConfigBase, *, vocab_size: int | None = None) -> None:
         self.config = config
@@ -209,11 +255,43 @@ class Loss(abc.ABC):
         ``batch_needs`` asks for, before the first forward: a loss that reads statistics of the
         whole step writes them into the batches here. Nothing by default."""
 
-    @abc.abstractmethod
     def __call__(
         self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
     ) -> tuple[torch.Tensor, Metrics]:
-        """The micro-batch's fragment of the global loss, and its metrics."""
+        """The micro-batch's fragment of the global loss, and its metrics (after every check)."""
+        cfg = self.config
+        logits, values = split_model_output(output)  # [B, S, V/tp], [B, S] or None
+        require_keys(batch, self.required_keys, self.kind)
+        labels = batch["labels"]  # [B, S]
+        check_logits(logits, labels)
+        mask = token_mask(batch, cfg.ignore_index)  # [B, S]
+        checked = self.check_inputs(batch, logits, values, counts)
+        if cfg.validate:
+            num_labels = vocab_limit(logits, group, self.vocab_size)
+            check_values(labels, mask, num_labels, checked, self.value_flags(batch, mask, num_labels))
+        safe_labels = torch.where(mask, labels, torch.full_like(labels, cfg.ignore_index))
+        loss, metrics = self.compute(LossInputs(logits=logits, values=values, batch=batch, mask=mask,
+                                                safe_labels=safe_labels, checked=checked, counts=counts, group=group))
+        metrics.update(count_metrics(mask))
+        return loss, metrics
+
+    def check_inputs(self, batch: Mapping[str, torch.Tensor], logits, values: torch.Tensor | None,
+                     counts: GlobalCounts) -> dict[str, torch.Tensor]:
+        """Host-side checks of the loss's own inputs (shapes, keys chosen at run time, the value
+        head, the counts it divides by), raising ``ValueError`` naming what is wrong. Returns the
+        float tensors ([B, S] or [B]) whose values must be finite at valid tokens; the labels and
+        logits are checked already. Nothing by default."""
+        return {}
+
+    def value_flags(self, batch: Mapping[str, torch.Tensor], mask: torch.Tensor,
+                    num_labels: int) -> dict[str, torch.Tensor]:
+        """Further value checks joined into the one device reduction of ``check_values``: a 0-d
+        bool tensor per problem description, true when the problem is present. None by default."""
+        return {}
+
+    @abc.abstractmethod
+    def compute(self, inputs: LossInputs) -> tuple[torch.Tensor, Metrics]:
+        """The micro-batch's fragment of the global loss, and its metrics (``count_metrics`` are added)."""
 
 
 def split_model_output(output) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -260,28 +338,26 @@ def check_values(
     mask: torch.Tensor,
     num_labels: int,
     tensors: Mapping[str, torch.Tensor],
+    flags: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """One combined device check, one host sync: labels in [0, num_labels) at valid tokens and every
-    tensor of ``tensors`` finite at valid tokens (``[B]`` tensors: in rows with a valid token).
-    Raises ``ValueError`` naming each offending tensor."""
-    names = ["labels"]
-    flags = [(mask & ((labels < 0) | (labels >= num_labels))).any()]
+    """One combined device check, one host sync: labels in [0, num_labels) at valid tokens, every
+    tensor of ``tensors`` finite at valid tokens (``[B]`` tensors: in rows with a valid token), and
+    no flag of ``flags`` (problem description -> 0-d bool) set. Raises ``ValueError`` naming each
+    offending tensor and problem."""
+    details = [f"labels outside the vocabulary [0, {num_labels})"]
+    checks = [(mask & ((labels < 0) | (labels >= num_labels))).any()]
     row_valid = mask.any(-1)  # [B]
     for name, tensor in tensors.items():
         where = mask if tensor.shape == mask.shape else row_valid
-        names.append(name)
-        flags.append((where & ~torch.isfinite(tensor)).any())
-    bad = torch.stack(flags)
+        details.append(f"{name} has NaN/inf at valid positions")
+        checks.append((where & ~torch.isfinite(tensor)).any())
+    for problem, flag in (flags or {}).items():
+        details.append(problem)
+        checks.append(flag.reshape(()).to(device=checks[0].device, dtype=torch.bool))
+    bad = torch.stack(checks)
     if not bool(bad.any()):
         return
-    offending = [name for name, flag in zip(names, bad.tolist()) if flag]
-    details = []
-    for name in offending:
-        if name == "labels":
-            details.append(f"labels outside the vocabulary [0, {num_labels})")
-        else:
-            details.append(f"{name} has NaN/inf at valid positions")
-    raise ValueError("invalid loss inputs: " + "; ".join(details))
+    raise ValueError("invalid loss inputs: " + "; ".join(d for d, flag in zip(details, bad.tolist()) if flag))
 
 
 def masked_fill_invalid(tensor: torch.Tensor, mask: torch.Tensor, value: float = 0.0) -> torch.Tensor:

@@ -16,27 +16,13 @@ log-probs per position instead of its logits (``mrl.losses.distill_topk``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 
 from mrl.losses import functional as LF
-from mrl.losses.base import (
-    BatchNeeds,
-    GlobalCounts,
-    Loss,
-    LossConfigBase,
-    check_logits,
-    check_shape,
-    check_values,
-    count_metrics,
-    require_keys,
-    split_model_output,
-    token_mask,
-    vocab_limit,
-)
+from mrl.losses.base import BatchNeeds, GlobalCounts, Loss, LossConfigBase, LossInputs, check_shape
 from mrl.losses.distill_topk import TAILS, topk_divergence
 from mrl.losses.metrics import Metric, Metrics
 from mrl.ops import vocab_parallel_kl
@@ -108,26 +94,44 @@ class DistillLoss(Loss):
         return BatchNeeds(keys=self.required_keys, temperature=cfg.temperature, reference_logprobs=True,
                           reference_logits=cfg.teacher_topk is None)
 
-    def __call__(
-        self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
-    ) -> tuple[torch.Tensor, Metrics]:
+    def check_inputs(self, batch, logits, values, counts: GlobalCounts) -> dict[str, torch.Tensor]:
+        """The teacher's logits sharded like the policy's, or its top-k ids (integer) and log-probs."""
+        k = self.config.teacher_topk
+        if k is None:
+            check_shape(batch, "ref_logits", tuple(logits.shape))  # [B, S, V/tp]
+            return {}
+        shape = (*batch["labels"].shape, k)
+        ids = check_shape(batch, "teacher_topk_ids", shape)  # [B, S, k]
+        teacher = check_shape(batch, "teacher_topk_logprobs", shape)  # [B, S, k]
+        if ids.dtype not in (torch.int64, torch.int32) or not teacher.is_floating_point():
+            raise ValueError(f"batch['teacher_topk_ids'] must be integer and batch['teacher_topk_logprobs'] "
+                             f"floating-point, got {ids.dtype} and {teacher.dtype}")
+        return {}
+
+    def value_flags(self, batch, mask, num_labels: int) -> dict[str, torch.Tensor]:
+        """Top-k: ids in the vocabulary, teacher log-probs finite, <= 0 and of total mass <= 1."""
+        if self.config.teacher_topk is None:
+            return {}
+        ids, teacher = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]  # [B, S, k] each
+        where = mask.unsqueeze(-1)
+        outside = (where & ((ids < 0) | (ids >= num_labels))).any()
+        return {
+            f"teacher_topk_ids outside the vocabulary [0, {num_labels})": outside,
+            "teacher_topk_logprobs has NaN/inf at valid positions": (where & ~torch.isfinite(teacher)).any(),
+            "teacher_topk_logprobs sum to a probability above 1 (they must be log-probs of the full softmax)":
+                (mask & (torch.logsumexp(teacher.float(), -1) > 1e-3)).any(),
+        }
+
+    def compute(self, inputs: LossInputs) -> tuple[torch.Tensor, Metrics]:
         cfg = self.config
-        logits, _ = split_model_output(output)  # [B, S, V/tp]
-        require_keys(batch, self.required_keys, "distill")
-        labels = batch["labels"]  # [B, S]
-        check_logits(logits, labels)
-        mask = token_mask(batch, cfg.ignore_index)  # [B, S]
+        logits, batch, mask, group = inputs.logits, inputs.batch, inputs.mask, inputs.group
         if cfg.teacher_topk is not None:
             divergence = self._topk_divergence(logits, batch, mask, group)  # [B, S]
         else:
-            ref_logits = check_shape(batch, "ref_logits", tuple(logits.shape)).detach()  # [B, S, V/tp]
-            if cfg.validate:
-                check_values(labels, mask, vocab_limit(logits, group, self.vocab_size), {})
-            divergence = self._full_divergence(logits, ref_logits, group)  # [B, S]
-        loss = LF.masked_mean(divergence, mask, counts.num_tokens)
+            divergence = self._full_divergence(logits, batch["ref_logits"].detach(), group)  # [B, S]
+        loss = LF.masked_mean(divergence, mask, inputs.counts.num_tokens)
         name = "jsd" if cfg.direction == "jsd" and 0.0 < cfg.jsd_beta < 1.0 else "kl"
         metrics: Metrics = {name: Metric.mean_fragment(loss), "loss": Metric.mean_fragment(loss)}
-        metrics.update(count_metrics(mask))
         return loss, metrics
 
     def _full_divergence(self, logits, ref_logits, group) -> torch.Tensor:
@@ -143,15 +147,7 @@ class DistillLoss(Loss):
         """``[B, S]`` divergence over the teacher's top-k (``mrl.losses.distill_topk``); 0 at invalid tokens."""
         cfg = self.config
         k = cfg.teacher_topk
-        shape = (*batch["labels"].shape, k)
-        ids = check_shape(batch, "teacher_topk_ids", shape)  # [B, S, k]
-        teacher = check_shape(batch, "teacher_topk_logprobs", shape)  # [B, S, k]
-        if ids.dtype not in (torch.int64, torch.int32) or not teacher.is_floating_point():
-            raise ValueError(f"batch['teacher_topk_ids'] must be integer and batch['teacher_topk_logprobs'] "
-                             f"floating-point, got {ids.dtype} and {teacher.dtype}")
-        limit = vocab_limit(logits, group, self.vocab_size)
-        if cfg.validate:
-            self._check_topk(batch["labels"], mask, ids, teacher, limit)
+        ids, teacher = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]  # [B, S, k] each (checked)
         safe_ids = torch.where(mask.unsqueeze(-1), ids, torch.zeros_like(ids))  # [B, S, k]
         student = vocab_parallel_logprobs_at(logits, safe_ids, group, temperature=cfg.temperature,
                                              vocab_size=self.vocab_size, chunk_size=cfg.chunk_size)  # [B, S, k]
@@ -159,21 +155,3 @@ class DistillLoss(Loss):
         divergence = topk_divergence(student, teacher, tail=cfg.topk_tail, direction=cfg.direction,
                                      beta=cfg.jsd_beta)  # [B, S]
         return torch.where(mask, divergence, torch.zeros_like(divergence))
-
-    @staticmethod
-    def _check_topk(labels, mask, ids, teacher, limit: int) -> None:
-        """One device check: ids in the vocabulary, teacher log-probs finite, <= 0 and of total mass <= 1."""
-        where = mask.unsqueeze(-1)
-        flags = torch.stack([
-            (mask & ((labels < 0) | (labels >= limit))).any(),
-            (where & ((ids < 0) | (ids >= limit))).any(),
-            (where & ~torch.isfinite(teacher)).any(),
-            (mask & (torch.logsumexp(teacher.float(), -1) > 1e-3)).any(),
-        ])
-        if not bool(flags.any()):
-            return
-        problems = ["labels outside the vocabulary", "teacher_topk_ids outside the vocabulary",
-                    "teacher_topk_logprobs has NaN/inf at valid positions",
-                    "teacher_topk_logprobs sum to a probability above 1 (they must be log-probs of the full softmax)"]
-        raise ValueError("invalid loss inputs: " + "; ".join(p for p, bad in zip(problems, flags.tolist()) if bad)
-                         + f" (vocabulary [0, {limit}))")

@@ -40,16 +40,11 @@ from mrl.losses.base import (
     GlobalCounts,
     Loss,
     LossConfigBase,
-    check_logits,
+    LossInputs,
     check_shape,
-    check_values,
-    count_metrics,
     masked_fill_invalid,
     pair_mask,
-    require_keys,
-    split_model_output,
     token_mask,
-    vocab_limit,
 )
 from mrl.losses.metrics import Metric, Metrics
 from mrl.ops import vocab_parallel_logprobs, vocab_parallel_softmax_stats
@@ -197,12 +192,9 @@ class DPOLoss(Loss):
         """Batch keys written by ``prepare_step`` that this loss reads."""
         return tuple(key for kind in self.config.loss_types for key in STEP_KEYS.get(kind, ()))
 
-    def __call__(
-        self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
-    ) -> tuple[torch.Tensor, Metrics]:
+    def check_inputs(self, batch, logits, values, counts: GlobalCounts) -> dict[str, torch.Tensor]:
+        """The reference (one of ``REFERENCE_KEYS``) and step statistics, shape-checked; the pair counts."""
         cfg = self.config
-        logits, _ = split_model_output(output)  # [B, S, V/tp]
-        require_keys(batch, self.required_keys, "dpo")
         ref_key = self._reference_key(batch)
         missing = [key for key in self.step_keys() if key not in batch]
         if missing:
@@ -214,17 +206,20 @@ class DPOLoss(Loss):
         if cfg.sft_coef > 0 and cfg.sft_normalizer == "chosen_tokens" and num_chosen_tokens is None:
             raise ValueError("dpo loss: loss.sft_normalizer 'chosen_tokens' needs counts.num_chosen_tokens "
                              "(compute_global_counts(..., paired=True))")
-        labels = batch["labels"]  # [B, S]
-        check_logits(logits, labels)
-        mask = token_mask(batch, cfg.ignore_index)  # [B, S]
-        pairs = pair_mask(mask)  # [B/2]
         checked = self._reference_input(batch, ref_key, tuple(logits.shape))
-        step_inputs = {key: check_shape(batch, key, labels.shape[:1]) for key in self.step_keys()}  # [B] each
-        if cfg.validate:
-            finite = {} if ref_key == "ref_logits" else {ref_key: checked}
-            check_values(labels, mask, vocab_limit(logits, group, self.vocab_size), {**finite, **step_inputs})
+        step_inputs = {key: check_shape(batch, key, batch["labels"].shape[:1]) for key in self.step_keys()}  # [B]
+        finite = {} if ref_key == "ref_logits" else {ref_key: checked}  # logits: finite or not, like the policy's
+        return {**finite, **step_inputs}
 
-        safe_labels = torch.where(mask, labels, torch.full_like(labels, cfg.ignore_index))
+    def compute(self, inputs: LossInputs) -> tuple[torch.Tensor, Metrics]:
+        cfg = self.config
+        logits, batch, mask, safe_labels = inputs.logits, inputs.batch, inputs.mask, inputs.safe_labels
+        counts, group = inputs.counts, inputs.group
+        num_chosen_tokens = getattr(counts, "num_chosen_tokens", None)
+        ref_key = self._reference_key(batch)
+        checked = batch[ref_key]
+        step_inputs = {key: inputs.checked[key] for key in self.step_keys()}  # [B] each
+        pairs = pair_mask(mask)  # [B/2]
         logprobs = vocab_parallel_logprobs(
             logits, safe_labels, group, cfg.ignore_index, vocab_size=self.vocab_size, chunk_size=cfg.chunk_size
         )  # [B, S] fp32
@@ -266,7 +261,6 @@ class DPOLoss(Loss):
             total = total + cfg.sft_coef * sft_loss
         metrics["loss"] = Metric.mean_fragment(total)
         metrics["num_pairs"] = Metric.count(pairs.sum())
-        metrics.update(count_metrics(mask))
         return total, metrics
 
     # Pieces of the loss -------------------------------------------------------------------------

@@ -17,7 +17,6 @@ Every term is aggregated with the same mode (``agg``) and divided by the step's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,21 +24,7 @@ import torch
 
 from mrl.config.checks import require_optional_positive_ints
 from mrl.losses import functional as LF
-from mrl.losses.base import (
-    BatchNeeds,
-    GlobalCounts,
-    Loss,
-    LossConfigBase,
-    check_logits,
-    check_shape,
-    check_values,
-    count_metrics,
-    masked_fill_invalid,
-    require_keys,
-    split_model_output,
-    token_mask,
-    vocab_limit,
-)
+from mrl.losses.base import BatchNeeds, GlobalCounts, Loss, LossConfigBase, LossInputs, check_shape, masked_fill_invalid
 from mrl.losses.metrics import Metric, Metrics, masked_max
 from mrl.ops import vocab_parallel_kl, vocab_parallel_logprobs_and_entropy
 
@@ -190,25 +175,15 @@ class PolicyLoss(Loss):
                           reference_logits=cfg.kl_coef > 0 and cfg.kl_estimator == "full",
                           value_targets=cfg.kind == "ppo")
 
-    def __call__(
-        self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
-    ) -> tuple[torch.Tensor, Metrics]:
+    def compute(self, inputs: LossInputs) -> tuple[torch.Tensor, Metrics]:
         cfg = self.config
-        logits, values = split_model_output(output)  # [B, S, V/tp], [B, S] or None
-        require_keys(batch, self.required_keys, cfg.kind)
-        labels = batch["labels"]  # [B, S]
-        check_logits(logits, labels)
-        mask = token_mask(batch, cfg.ignore_index)  # [B, S]
-        inputs = self._checked_inputs(batch, labels, values)
-        if cfg.validate:
-            check_values(labels, mask, vocab_limit(logits, group, self.vocab_size), inputs)
-
-        safe_labels = torch.where(mask, labels, torch.full_like(labels, cfg.ignore_index))
+        logits, values, batch, mask = inputs.logits, inputs.values, inputs.batch, inputs.mask
+        counts, group = inputs.counts, inputs.group
         logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-            logits, safe_labels, group, cfg.ignore_index,
+            logits, inputs.safe_labels, group, cfg.ignore_index,
             vocab_size=self.vocab_size, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
         )  # [B, S] fp32 each
-        data = {k: masked_fill_invalid(v.to(logprobs.dtype), mask) for k, v in inputs.items()}
+        data = {k: masked_fill_invalid(v.to(logprobs.dtype), mask) for k, v in inputs.checked.items()}
 
         def agg(per_token: torch.Tensor) -> torch.Tensor:
             return LF.aggregate(
@@ -249,19 +224,19 @@ class PolicyLoss(Loss):
             total = total + cfg.value_coef * value_term
 
         metrics["loss"] = Metric.mean_fragment(total)
-        metrics.update(count_metrics(mask))
         return total, metrics
 
-    # Pieces ---------------------------------------------------------------------------------------
-
-    def _checked_inputs(self, batch, labels: torch.Tensor, values) -> dict[str, torch.Tensor]:
+    def check_inputs(self, batch, logits, values, counts: GlobalCounts) -> dict[str, torch.Tensor]:
         """The float batch tensors this config uses, shape-checked; checks the value-head output too."""
         cfg = self.config
-        shape = tuple(labels.shape)
+        shape = tuple(batch["labels"].shape)
         inputs = {"advantages": check_shape(batch, "advantages", shape, shape[:1])}
         for key in self.required_keys:
             if key not in ("labels", "advantages", "ref_logits"):
                 inputs[key] = check_shape(batch, key, shape)
+        if "ref_logits" in self.required_keys and batch["ref_logits"].shape != logits.shape:
+            raise ValueError(f"batch['ref_logits'] must be sharded like the logits {tuple(logits.shape)}, "
+                             f"got {tuple(batch['ref_logits'].shape)}")
         if cfg.value_coef > 0:
             if values is None:
                 raise ValueError(f"{cfg.kind} loss: value_coef > 0 needs the model output (logits, values)")
@@ -292,14 +267,8 @@ class PolicyLoss(Loss):
         """Per-token KL(π || π_ref) [B, S]."""
         cfg = self.config
         if cfg.kl_estimator == "full":
-            ref_logits = batch["ref_logits"]
-            if ref_logits.shape != logits.shape:
-                raise ValueError(
-                    f"batch['ref_logits'] must be sharded like the logits {tuple(logits.shape)}, "
-                    f"got {tuple(ref_logits.shape)}"
-                )
             return vocab_parallel_kl(
-                logits, ref_logits.detach(), group,
+                logits, batch["ref_logits"].detach(), group,
                 vocab_size=self.vocab_size, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
             )
         return LF.kl_estimate(

@@ -12,25 +12,13 @@ Each term is divided by the step's global number of valid tokens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from mrl.losses import functional as LF
-from mrl.losses.base import (
-    GlobalCounts,
-    Loss,
-    LossConfigBase,
-    check_logits,
-    check_values,
-    count_metrics,
-    require_keys,
-    split_model_output,
-    token_mask,
-    vocab_limit,
-)
+from mrl.losses.base import Loss, LossConfigBase, LossInputs
 from mrl.losses.metrics import Metric, Metrics
 from mrl.ops import vocab_parallel_cross_entropy, vocab_parallel_logprobs, vocab_parallel_logsumexp
 
@@ -80,19 +68,10 @@ class SFTLoss(Loss):
     normalizer = "tokens"
     required_keys = ("labels",)
 
-    def __call__(
-        self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None
-    ) -> tuple[torch.Tensor, Metrics]:
+    def compute(self, inputs: LossInputs) -> tuple[torch.Tensor, Metrics]:
         cfg = self.config
-        logits, _ = split_model_output(output)  # [B, S, V/tp]
-        require_keys(batch, self.required_keys, "sft")
-        labels = batch["labels"]  # [B, S]
-        check_logits(logits, labels)
-        mask = token_mask(batch, cfg.ignore_index)  # [B, S]
-        if cfg.validate:
-            check_values(labels, mask, vocab_limit(logits, group, self.vocab_size), {})
-        safe_labels = torch.where(mask, labels, torch.full_like(labels, cfg.ignore_index))
-        N = counts.num_tokens
+        logits, mask, safe_labels, group = inputs.logits, inputs.mask, inputs.safe_labels, inputs.group
+        N = inputs.counts.num_tokens
 
         if cfg.label_smoothing > 0.0:
             per_token = vocab_parallel_cross_entropy(
@@ -117,5 +96,4 @@ class SFTLoss(Loss):
             metrics["z_loss"] = Metric.mean_fragment(z_loss)
             total = total + cfg.z_loss_coef * z_loss
         metrics["loss"] = Metric.mean_fragment(total)
-        metrics.update(count_metrics(mask))
         return total, metrics
