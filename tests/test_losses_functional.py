@@ -108,7 +108,8 @@ def ref_kl(lp, ref, kind, in_clamp=None, out_clamp=None):
         logr = ref.view(-1)[idx] - lp.view(-1)[idx]
         if in_clamp is not None:
             logr = min(max(logr, -in_clamp), in_clamp)
-        val = {"k1": -logr, "k2": logr**2 / 2, "k3": math.exp(logr) - 1 - logr}[kind]
+        base = kind.rstrip("+")
+        val = {"k1": -logr, "k2": logr**2 / 2, "k3": math.exp(logr) - 1 - logr, "abs": abs(logr)}[base]
         if out_clamp is not None:
             val = min(max(val, -out_clamp), out_clamp)
         out.view(-1)[idx] = val
@@ -120,14 +121,17 @@ def ref_kl_grad(lp, ref, kind, in_clamp=None, out_clamp=None):
     g = torch.empty_like(lp)
     for idx in range(lp.numel()):
         logr = float(ref.view(-1)[idx] - lp.view(-1)[idx])
+        if kind.endswith("+"):  # straight-through: k2's gradient on the raw log-ratio, whatever the clamps
+            g.view(-1)[idx] = -logr
+            continue
         if in_clamp is not None and abs(logr) > in_clamp:
             g.view(-1)[idx] = 0.0
             continue
-        val = {"k1": -logr, "k2": logr**2 / 2, "k3": math.exp(logr) - 1 - logr}[kind]
+        val = {"k1": -logr, "k2": logr**2 / 2, "k3": math.exp(logr) - 1 - logr, "abs": abs(logr)}[kind]
         if out_clamp is not None and abs(val) > out_clamp:
             g.view(-1)[idx] = 0.0
             continue
-        dval_dlogr = {"k1": -1.0, "k2": logr, "k3": math.exp(logr) - 1}[kind]
+        dval_dlogr = {"k1": -1.0, "k2": logr, "k3": math.exp(logr) - 1, "abs": math.copysign(1.0, logr)}[kind]
         g.view(-1)[idx] = -dval_dlogr
     return g
 
@@ -143,6 +147,27 @@ def test_kl_estimate_values_and_grads(kind, clamps):
     torch.testing.assert_close(kl, ref_kl(lp.detach(), ref, kind, in_c, out_c), rtol=1e-12, atol=1e-14)
     (grad,) = torch.autograd.grad(kl.sum(), lp)
     torch.testing.assert_close(grad, ref_kl_grad(lp.detach(), ref, kind, in_c, out_c), rtol=1e-12, atol=1e-14)
+
+
+def test_kl_estimate_hand_computed_abs_and_straight_through():
+    # log π = [−1, −2], log π_ref = [−1.5, −1] → logr = ref − lp = [−0.5, 1].
+    # abs: |logr| = [0.5, 1], d/dlp = −sign(logr) = [1, −1].
+    # k1+: value k1 = −logr = [0.5, −1]; gradient of k2 = logr²/2: d/dlp = −logr = [0.5, −1].
+    # k3+: value e^logr − 1 − logr = [e^−0.5 − 0.5, e − 2] = [0.106531, 0.718282]; gradient [0.5, −1].
+    lp = torch.tensor([-1.0, -2.0], dtype=D, requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0], dtype=D)
+    want = {"abs": ([0.5, 1.0], [1.0, -1.0]), "k1+": ([0.5, -1.0], [0.5, -1.0]),
+            "k3+": ([math.exp(-0.5) - 0.5, math.e - 2.0], [0.5, -1.0])}
+    for kind, (value, grad) in want.items():
+        kl = LF.kl_estimate(lp, ref, kind, output_clamp=5.0)
+        (g,) = torch.autograd.grad(kl.sum(), lp)
+        torch.testing.assert_close(kl.detach(), torch.tensor(value, dtype=D), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g, torch.tensor(grad, dtype=D), rtol=1e-12, atol=1e-12)
+    # the clamp bounds the k3+ value, never its (k2) gradient
+    kl = LF.kl_estimate(lp, ref, "k3+", log_ratio_clamp=0.25, output_clamp=0.5)
+    (g,) = torch.autograd.grad(kl.sum(), lp)
+    torch.testing.assert_close(kl.detach(), torch.tensor([math.exp(-0.25) - 0.75, math.exp(0.25) - 1.25], dtype=D))
+    torch.testing.assert_close(g, torch.tensor([0.5, -1.0], dtype=D))
 
 
 def test_kl_estimate_k3_nonnegative_and_zero_at_equality():

@@ -27,7 +27,7 @@ AGG_MODES: tuple[str, ...] = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
-KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
+KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3", "abs", "k1+", "k3+")
 DPO_KINDS: tuple[str, ...] = ("sigmoid", "ipo")
 
 # |log-ratio| bound before exp() in the policy ratio: exp(20) ≈ 5e8 lies far outside any clip
@@ -101,22 +101,34 @@ def kl_estimate(
     """Per-token estimate of KL(π || π_ref) from samples of π.
 
     With logr = ref − logprobs (optionally clamped to ±``log_ratio_clamp``):
-    k1 = −logr, k2 = logr²/2, k3 = exp(logr) − 1 − logr; the result is optionally clamped to
-    ±``output_clamp``.
+    k1 = −logr, k2 = logr²/2, k3 = exp(logr) − 1 − logr, abs = |logr| (verl's "abs"); the result
+    is optionally clamped to ±``output_clamp``.
+
+    Straight-through variants (verl's ``kl_penalty`` with a "+" suffix): "k1+" and "k3+" take the
+    VALUE of k1 / k3 (with the clamps above) and the GRADIENT of k2 on the unclamped log-ratio,
+    value = sg(k) + k2 − sg(k2), so ∇ = (log π − log π_ref)·∇log π: k2's gradient is the
+    gradient of KL(π || π_ref) in expectation over samples of π, which k1's and k3's are not.
     """
     if kind not in KL_KINDS:
         raise ValueError(f"KL estimator must be one of {KL_KINDS}, got {kind!r}")
-    log_ratio = ref_logprobs - logprobs
+    base = kind.rstrip("+")
+    raw_log_ratio = ref_logprobs - logprobs
+    log_ratio = raw_log_ratio
     if log_ratio_clamp is not None:
         log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
-    if kind == "k1":
+    if base == "k1":
         kl = -log_ratio
-    elif kind == "k2":
+    elif base == "k2":
         kl = 0.5 * log_ratio.square()
+    elif base == "abs":
+        kl = log_ratio.abs()
     else:
         kl = torch.expm1(log_ratio) - log_ratio
     if output_clamp is not None:
         kl = kl.clamp(-output_clamp, output_clamp)
+    if kind.endswith("+"):
+        k2 = 0.5 * raw_log_ratio.square()
+        kl = kl.detach() + (k2 - k2.detach())
     return kl
 
 
