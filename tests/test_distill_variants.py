@@ -313,6 +313,10 @@ def test_topk_shape_and_value_errors_name_the_key():
     bad_ids[0, 3, 0] = VOCAB  # a padded column
     with pytest.raises(ValueError, match="teacher_topk_ids outside the vocabulary"):
         loss_fn(logits, dict(batch, teacher_topk_ids=bad_ids, loss_mask=torch.ones_like(batch["loss_mask"])), counts)
+    repeated = batch["teacher_topk_ids"].clone()
+    repeated[0, 3, 1] = repeated[0, 3, 0]
+    with pytest.raises(ValueError, match="repeat an id"):
+        loss_fn(logits, dict(batch, teacher_topk_ids=repeated, loss_mask=torch.ones_like(batch["loss_mask"])), counts)
     with pytest.raises(ValueError, match="probability above 1"):
         loss_fn(logits, dict(batch, teacher_topk_logprobs=batch["teacher_topk_logprobs"] + 1.0), counts)
     with pytest.raises(ValueError, match="NaN"):

@@ -27,7 +27,22 @@ CONFIGS: dict[str, dict] = {
     "sft": dict(kind="sft", label_smoothing=0.1, z_loss_coef=1e-3),
     "sft-focal": dict(kind="sft", focal_gamma=2.0),
     "distill": dict(kind="distill", direction="reverse", temperature=1.5),
+    # Preference losses: every loss type, the step statistics of AOT / BCO, LD-DPO, WPO, SFT normalisers.
+    "dpo-mix-step-stats": dict(kind="dpo", loss_type=["sigmoid", "bco_pair", "aot", "aot_unpaired"],
+                               loss_weights=[1.0, 0.5, 0.5, 0.3], label_smoothing=0.1, sft_coef=0.2,
+                               sft_normalizer="chosen_tokens"),
+    "dpo-exo-ld": dict(kind="dpo", loss_type="exo_pair", label_smoothing=0.1, ld_alpha=0.5),
+    "dpo-robust-wpo": dict(kind="dpo", loss_type="robust", label_smoothing=0.2, use_weighting=True, beta=0.3),
+    "dpo-hinge-nca-sppo": dict(kind="dpo", loss_type=["hinge", "nca_pair", "sppo_hard"], loss_weights=[1, 2, 0.1]),
+    "dpo-apo-discopop": dict(kind="dpo", loss_type=["apo_zero", "apo_down", "discopop"], average_logprobs=True,
+                             sft_coef=0.3, sft_average_logprobs=False, discopop_tau=0.3),
+    # Distillation: the generalised JSD over the full vocabulary, top-k teacher distillation.
+    "distill-jsd": dict(kind="distill", direction="jsd", jsd_beta=0.3, temperature=1.2),
+    "distill-topk": dict(kind="distill", teacher_topk=5, temperature=1.2),
+    "distill-topk-renorm-jsd": dict(kind="distill", teacher_topk=5, topk_tail="renormalize", direction="jsd",
+                                    jsd_beta=0.6),
 }
+TOPK = 5
 
 
 def global_problem(name: str, seed: int):
@@ -55,6 +70,11 @@ def global_problem(name: str, seed: int):
     }
     if not name.startswith("dpo"):
         batch["ref_logprobs"] = lp + 0.4 * torch.randn(B, S, generator=g)
+    if "topk" in name:  # the teacher's top-k of the full vocabulary (what a teacher ships)
+        from mrl.ops import vocab_parallel_topk
+
+        top = vocab_parallel_topk(batch["ref_logits"], TOPK, None, temperature=1.2, vocab_size=VOCAB)
+        batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = top.indices, top.logprobs
     values = torch.randn(B, S, generator=g)
     return logits, values, batch
 
@@ -77,6 +97,12 @@ def run_layout(names, seed: int, micro: int, tp_group=None, dp_group=None, tp: i
         step = rows // micro
         chunks = [slice(i, i + step) for i in range(0, rows, step)]
         micro_batches = [{k: v[c] for k, v in local.items()} for c in chunks]
+        if getattr(loss_fn, "needs_policy_logprobs", False):  # as the trainer: the policy before the step
+            from mrl.ops import vocab_parallel_logprobs
+
+            for c, mb in zip(chunks, micro_batches):
+                mb["old_logprobs"] = vocab_parallel_logprobs(local_logits[c], mb["labels"], tp_group, vocab_size=VOCAB)
+            loss_fn.prepare_step(micro_batches, dp_group, tp_group)
         counts = compute_global_counts(micro_batches, dp_group, paired=loss_fn.normalizer == "pairs")
         acc = MetricsAccumulator()
         total = torch.zeros(())

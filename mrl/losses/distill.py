@@ -109,17 +109,19 @@ class DistillLoss(Loss):
         return {}
 
     def value_flags(self, batch, mask, num_labels: int) -> dict[str, torch.Tensor]:
-        """Top-k: ids in the vocabulary, teacher log-probs finite, <= 0 and of total mass <= 1."""
+        """Top-k: ids in the vocabulary and distinct, teacher log-probs finite, of total mass <= 1."""
         if self.config.teacher_topk is None:
             return {}
         ids, teacher = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]  # [B, S, k] each
         where = mask.unsqueeze(-1)
         outside = (where & ((ids < 0) | (ids >= num_labels))).any()
+        ordered = ids.sort(-1).values  # [B, S, k]
         return {
             f"teacher_topk_ids outside the vocabulary [0, {num_labels})": outside,
             "teacher_topk_logprobs has NaN/inf at valid positions": (where & ~torch.isfinite(teacher)).any(),
             "teacher_topk_logprobs sum to a probability above 1 (they must be log-probs of the full softmax)":
                 (mask & (torch.logsumexp(teacher.float(), -1) > 1e-3)).any(),
+            "teacher_topk_ids repeat an id at a position": (mask & (ordered[..., 1:] == ordered[..., :-1]).any(-1)).any(),
         }
 
     def compute(self, inputs: LossInputs) -> tuple[torch.Tensor, Metrics]:
@@ -148,10 +150,13 @@ class DistillLoss(Loss):
         cfg = self.config
         k = cfg.teacher_topk
         ids, teacher = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]  # [B, S, k] each (checked)
-        safe_ids = torch.where(mask.unsqueeze(-1), ids, torch.zeros_like(ids))  # [B, S, k]
-        student = vocab_parallel_logprobs_at(logits, safe_ids, group, temperature=cfg.temperature,
-                                             vocab_size=self.vocab_size, chunk_size=cfg.chunk_size)  # [B, S, k]
+        distinct = torch.arange(k, device=ids.device).expand_as(ids)  # invalid positions: any k distinct ids
+        safe_ids = torch.where(mask.unsqueeze(-1), ids, distinct)  # [B, S, k]
+        bucket = cfg.topk_tail == "bucket"
+        student = vocab_parallel_logprobs_at(logits, safe_ids, group, rest=bucket, temperature=cfg.temperature,
+                                             vocab_size=self.vocab_size, chunk_size=cfg.chunk_size)
+        student, rest = student if bucket else (student, None)  # [B, S, k], [B, S] (the bucket's log-mass)
         teacher = torch.where(mask.unsqueeze(-1), teacher.detach().float(), torch.full_like(student, -math.log(k)))
         divergence = topk_divergence(student, teacher, tail=cfg.topk_tail, direction=cfg.direction,
-                                     beta=cfg.jsd_beta)  # [B, S]
+                                     beta=cfg.jsd_beta, student_rest=rest)  # [B, S]
         return torch.where(mask, divergence, torch.zeros_like(divergence))
