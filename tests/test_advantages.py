@@ -218,6 +218,72 @@ def test_group_advantages_hand_case_and_errors():
         A.group_advantages(torch.zeros(4), 2, group_ids=torch.zeros(4))
 
 
+# GRPO group advantages (moved from the losses tests) -----------------------------------------------------------------
+
+def ref_group_adv(rewards, K, normalize_std, loo, eps):
+    out = []
+    for start in range(0, len(rewards), K):
+        grp = [float(v) for v in rewards[start : start + K]]
+        mean = sum(grp) / K
+        std = math.sqrt(sum((v - mean) ** 2 for v in grp) / (K - 1)) if K > 1 else 0.0
+        for j, v in enumerate(grp):
+            if max(grp) == min(grp):
+                out.append(0.0)
+                continue
+            base = (sum(grp) - v) / (K - 1) if loo else mean
+            a = v - base
+            out.append(a / (std + eps) if normalize_std else a)
+    return torch.tensor(out, dtype=D)
+
+
+@pytest.mark.parametrize("normalize_std", [True, False])
+@pytest.mark.parametrize("loo", [False, True])
+def test_group_advantages(normalize_std, loo):
+    g = torch.Generator().manual_seed(9)
+    K = 4
+    rewards = torch.randn(5 * K, generator=g, dtype=D)
+    rewards[K : 2 * K] = 0.7  # zero-variance group
+    rewards[3 * K : 4 * K] = 1.0 / 3.0  # another, with a value whose mean is inexact
+    adv, metrics = A.group_advantages(rewards, K, normalize_std=normalize_std, leave_one_out=loo, eps=1e-6)
+    torch.testing.assert_close(adv, ref_group_adv(rewards, K, normalize_std, loo, 1e-6), rtol=1e-12, atol=1e-14)
+    assert torch.all(adv[K : 2 * K] == 0) and torch.all(adv[3 * K : 4 * K] == 0)
+    assert metrics["groups"].value.item() == 5 and metrics["zero_variance_groups"].value.item() == 2
+    if loo and not normalize_std:
+        grp = rewards[:K]
+        torch.testing.assert_close(adv[:K], K / (K - 1) * (grp - grp.mean()))
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_group_advantages_by_ids_in_any_order(loo):
+    g = torch.Generator().manual_seed(10)
+    sizes = [3, 5, 1, 4, 2]
+    rewards = torch.randn(sum(sizes), generator=g, dtype=D)
+    rewards[9:13] = -0.4  # group 3 has zero variance
+    ids = torch.cat([torch.full((n,), 100 + 7 * k) for k, n in enumerate(sizes)])
+    perm = torch.randperm(len(ids), generator=g)
+    adv, metrics = A.group_advantages(rewards[perm], group_ids=ids[perm], leave_one_out=loo)
+    want = []
+    start = 0
+    for n in sizes:
+        group = rewards[start : start + n]
+        want.append(ref_group_adv(group, n, True, loo, 1e-6) if n > 1 else torch.zeros(1, dtype=D))
+        start += n
+    torch.testing.assert_close(adv, torch.cat(want)[perm], rtol=1e-12, atol=1e-14)
+    assert metrics["groups"].value.item() == 5 and metrics["zero_variance_groups"].value.item() == 2
+
+
+def test_group_advantages_single_member_groups_and_errors():
+    for loo in (False, True):
+        adv, metrics = A.group_advantages(torch.tensor([1.0, 2.0, 3.0]), 1, leave_one_out=loo)
+        assert torch.all(adv == 0) and metrics["zero_variance_groups"].value.item() == 3
+    with pytest.raises(ValueError, match="group_size"):
+        A.group_advantages(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match="exactly one"):
+        A.group_advantages(torch.zeros(4), 2, group_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match="group_ids"):
+        A.group_advantages(torch.zeros(4), group_ids=torch.zeros(3))
+
+
 def test_grpo_estimator_is_group_advantages_with_the_config_flags():
     batch = _random_batch(2)
     settings = Settings(normalize_std=False, leave_one_out=True)

@@ -183,6 +183,12 @@ def test_offline_grpo_and_dpo_steps_are_layout_invariant(ranks4, tmp_path):
     recipes["configs/offline-grpo-tiny-cpu.yaml#ppo"] = [
         "train.steps=2", "train.global_batch_size=16", "train.micro_batch_size=4", "loss.kind=ppo",
         "loss.value_coef=0.5", "loss.value_clip=0.2", "model.value_head=true"]
+    # A token-level advantage estimator: GAE(0.9, 0.8) of the value head with KL in the reward,
+    # whitened over the global batch (gathered over DP after the log-prob passes).
+    recipes["configs/offline-grpo-tiny-cpu.yaml#gae"] = [
+        "train.steps=2", "train.global_batch_size=16", "train.micro_batch_size=4", "loss.kind=ppo",
+        "loss.value_coef=0.5", "model.value_head=true", "rollout.advantage_estimator=gae", "rollout.gamma=0.9",
+        "rollout.lam=0.8", "rollout.kl_in_reward_coef=0.05"]
     for recipe, overrides in recipes.items():
         recipe = recipe.split("#")[0]
         base = [*overrides, "scheduler.warmup_steps=1", "log.progress=false"]

@@ -22,6 +22,14 @@ from mrl.data.sequences import IGNORE_INDEX
 from mrl.rl.advantages import AdvantageInputs, estimate, get_estimator
 
 
+_WHERE = {
+    "old_values": "the value head's outputs of the old-policy pass (model.value_head: true; the pass runs "
+                  "when the batches do not bring their own old log-probs)",
+    "old_logprobs": "the old-policy pass runs before the estimator, on the last pipeline stage",
+    "ref_logprobs": "the reference pass runs when a reference model exists (reference.source)",
+}
+
+
 def gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
     """Every rank's ``tensor`` ([n] or [n, T], the same n on every rank) concatenated in rank order.
 
@@ -47,8 +55,9 @@ def _concat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def assign_advantages(batches: list[dict], settings, *, group, rank: int, group_ids: torch.Tensor | None = None,
                       group_size: int | None = None, token_rewards: torch.Tensor | None = None,
-                      greedy_rewards: torch.Tensor | None = None) -> None:
-    """Set ``advantages`` (and ``returns``) of this rank's ``batches`` (module docstring).
+                      greedy_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """Set ``advantages`` (and ``returns``) of this rank's ``batches`` (module docstring); returns
+    the rewards [N] of the whole global batch.
 
     ``settings``: the rollout config; ``group``/``rank``: the DP group and this rank's place in it.
     Per row, in the order of the micro-batches: ``group_ids`` [rows] (default: the batches'
@@ -69,6 +78,10 @@ def assign_advantages(batches: list[dict], settings, *, group, rank: int, group_
         fields["mask"] = _concat_tokens([(b["labels"] != IGNORE_INDEX).float() for b in batches])  # [rows, S]
     for field, key in (("values", "old_values"), ("old_logprobs", "old_logprobs"), ("ref_logprobs", "ref_logprobs")):
         if field in needs:
+            if any(key not in b for b in batches):
+                raise ValueError(f"rollout.advantage_estimator={name} (kl_in_reward_coef="
+                                 f"{settings.kl_in_reward_coef}) needs '{key}' in every micro-batch: "
+                                 f"{_WHERE[key]}")
             fields[field] = _concat_tokens([b[key].float() for b in batches])  # [rows, S]
     if token_rewards is not None and estimator.token_level:
         fields["token_rewards"] = F.pad(token_rewards.float(), (0, fields["mask"].shape[1] - token_rewards.shape[1]))
@@ -91,3 +104,4 @@ def assign_advantages(batches: list[dict], settings, *, group, rank: int, group_
         if returns is not None:
             batch["returns"] = returns[offset: offset + count, :length].contiguous()
         offset += count
+    return full["rewards"]
