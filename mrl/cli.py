@@ -16,7 +16,7 @@ import sys
 
 def _load(args):
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
 
     return load_config(args.config, JobConfig, args.overrides)
 

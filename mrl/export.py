@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mrl.config import load_config
-from mrl.config.job import JobConfig
+from mrl.job import JobConfig
 from mrl.model.config import PrecisionConfig
 from mrl.model.hf import hf_config, hf_state_dict, is_hf_model_dir, read_hf_config
 from mrl.runner import free_port

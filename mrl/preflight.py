@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from mrl.config.job import JobConfig
+from mrl.job import JobConfig
 
 
 def missing_packages(cfg: JobConfig) -> list[str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mrl.config import dump_yaml, load_config
-from mrl.config.job import JobConfig
+from mrl.job import JobConfig
 
 CONFIG_NAME = "config.yaml"
 CHANGES_NAME = "config_changes.jsonl"

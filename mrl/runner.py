@@ -18,7 +18,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from mrl.config.job import JobConfig
+from mrl.job import JobConfig
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE")
 

@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from mrl.config import dump_yaml, load_config, redundant_keys, undocumented_fields
-from mrl.config.job import ALGORITHMS, JobConfig
+from mrl.job import ALGORITHMS, JobConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))
-SCHEMA = "mrl.config.job:JobConfig"
+SCHEMA = "mrl.job:JobConfig"
 
 # Parents that hold shared settings only, and the one error they give as a job of their own: the
 # dataclass defaults of model and data disagree (model.vocab_size=256 < the byte tokenizer's 259).

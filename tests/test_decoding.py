@@ -288,7 +288,7 @@ def test_validate_refuses_a_kv_budget_too_small_for_one_row_and_prints_the_estim
 
     from mrl.cli import main
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
 
     recipe = str(Path(__file__).resolve().parents[1] / "configs" / "grpo-tiny-cpu.yaml")
     cfg = load_config(recipe, JobConfig, ["rollout.kv_cache_gib=1e-6"])

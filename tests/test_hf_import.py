@@ -203,7 +203,7 @@ def case_trainer_starts_from_hf(directory: str, overrides: list[str], output_dir
     import torch.distributed as dist
 
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
     from mrl.parallel.layout import ParallelLayout
     from mrl.runner import build_trainer
 
@@ -373,7 +373,7 @@ def test_model_config_tool_prints_settings_that_match(checkpoints, capsys):
 
 def test_validate_refuses_a_model_that_does_not_match_the_checkpoint(checkpoints):
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
 
     directory, _ = checkpoints["llama"]
     for override in (f"train.init_checkpoint={directory}", f"reference.checkpoint={directory}"):
@@ -391,7 +391,7 @@ def case_save_after_hf_init(directory: str, overrides: list[str], output_dir: st
     import torch.distributed as dist
 
     from mrl.config import dump_yaml, load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
     from mrl.parallel.layout import ParallelLayout
     from mrl.runner import build_trainer
 

@@ -267,7 +267,7 @@ def test_the_launchers_check_that_their_python_has_torch_and_mrl(tmp_path):
 
 def test_a_finished_run_starts_no_rank(tmp_path):
     from mrl.config import dump_yaml, load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
 
     output_dir = tmp_path / "out"
     overrides = [*SHORT_RUN, f"log.output_dir={output_dir}"]

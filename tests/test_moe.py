@@ -181,7 +181,7 @@ def test_moe_fields_are_validated(fields, message):
 ])
 def test_expert_layouts_are_validated(overrides, message):
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(MOE, JobConfig, overrides).validate(4)
@@ -189,7 +189,7 @@ def test_expert_layouts_are_validated(overrides, message):
 
 def test_dense_layouts_refuse_expert_degrees():
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
 
     with pytest.raises(ValueError, match="parallel.ep=1 / parallel.etp=1 need a MoE model"):
         load_config("configs/sft-tiny-cpu.yaml", JobConfig, ["parallel.etp=1"]).validate(4)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mrl.config import load_config
-from mrl.config.job import JobConfig
+from mrl.job import JobConfig
 from mrl.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]

@@ -80,7 +80,7 @@ def test_streamed_shards_equal_the_export_tensors(ranks4, variant):
 def test_vllm_settings_are_validated_naming_the_field(override, message):
     """Checked by `mrl validate` and before any rank starts; vLLM itself is not needed."""
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
 
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("[", r"\[")):
         cfg = load_config("configs/grpo-tiny-cpu-vllm.yaml", JobConfig, [override])
@@ -89,7 +89,7 @@ def test_vllm_settings_are_validated_naming_the_field(override, message):
 
 def test_the_vllm_recipes_validate():
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
 
     tiny = load_config("configs/grpo-tiny-cpu-vllm.yaml", JobConfig)
     tiny.validate(4)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mrl.config import dump_yaml, load_config
-from mrl.config.job import JobConfig
+from mrl.job import JobConfig
 from mrl.resume_guard import inspect_rerun, write_run_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ def _trainer(recipe: str, overrides: list[str], output_dir: str):
     import torch.distributed as dist
 
     from mrl.config import load_config
-    from mrl.config.job import JobConfig
+    from mrl.job import JobConfig
     from mrl.parallel.layout import ParallelLayout
     from mrl.runner import build_trainer
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mrl.config.job import JobConfig
+from mrl.job import JobConfig
 from mrl.data import build_data_loader, build_dataset, build_tokenizer
 from mrl.losses.base import BatchNeeds, compute_global_counts
 from mrl.losses.factory import build_loss

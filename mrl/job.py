@@ -1,4 +1,8 @@
-"""``JobConfig``: the whole recipe, and the cross-field checks that run before any process group."""
+"""``JobConfig``: the whole recipe, and the cross-field checks that run before any process group.
+
+It gathers every subsystem's config section, so it sits above them all, next to the runner;
+``mrl.config`` (loading, converting, documenting any config dataclass) imports nothing of mrl's.
+"""
 
 from __future__ import annotations
 
