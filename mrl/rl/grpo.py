@@ -84,7 +84,9 @@ class GRPOTrainer(Trainer):
         return self.queue.pop(0)
 
     def prepare(self, micro_batches: list[dict]) -> None:
-        """Log-probs were computed once per rollout, before any update (see ``_rollout``)."""
+        """Log-probs were computed once per rollout, before any update (see ``_rollout``); the
+        loss reads the step's statistics (``Loss.prepare_step``)."""
+        self.loss_fn.prepare_step(micro_batches, self.layout.dp_group, self.layout.tp_group)
 
     def _rollout(self) -> list[tuple[list[dict], dict]]:
         cfg = self.cfg
