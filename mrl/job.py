@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from mrl.algorithms import AlgorithmName, algorithms_with, get_algorithm
 from mrl.config.checks import require_optional_positive_ints
 from mrl.data.config import DataConfig
-from mrl.losses.factory import LossConfig
+from mrl.losses.factory import LossConfig, build_loss
 from mrl.losses.sft import SFTLossConfig
 from mrl.model.config import ModelConfig, PrecisionConfig
 from mrl.parallel.layout import ParallelConfig, check_expert_divisibility, check_model_divisibility
@@ -20,23 +21,14 @@ from mrl.train.config import LogConfig, ReferenceConfig, TrainConfig
 from mrl.train.optim import OptimConfig
 from mrl.train.schedules import SchedulerConfig
 
-ALGORITHMS = {
-    # algorithm: (data kinds it reads, loss kinds it trains with)
-    "sft": (("sft",), ("sft",)),
-    "dpo": (("preference",), ("dpo",)),
-    "grpo": (("prompt",), ("grpo", "ppo")),
-    "offline-rl": (("rollout",), ("grpo", "ppo")),
-    "distill": (("sft",), ("distill",)),
-}
-
 
 @dataclass
 class JobConfig:
     """A training job: what to train, on which layout, with which data and loss."""
 
-    algorithm: Literal["sft", "dpo", "grpo", "offline-rl", "distill"] = "sft"
-    """Training loop: sft, dpo, grpo (online rollouts from the policy), offline-rl (GRPO/PPO on
-    rollout files), distill (KL to a teacher's full distribution)."""
+    algorithm: AlgorithmName = "sft"
+    """Training loop (mrl.algorithms): sft, dpo, grpo (online rollouts from the policy), offline-rl
+    (GRPO/PPO on rollout files), distill (KL to a teacher's full distribution)."""
 
     device: Literal["cpu", "cuda"] = "cpu"
     """cpu: gloo ranks on the CPU (tests, CI, quick start); cuda: one GPU per rank with NCCL."""
@@ -147,23 +139,23 @@ class JobConfig:
                 check_model_matches_hf(self.model, source)
 
     def _check_algorithm(self) -> None:
-        kinds, losses = ALGORITHMS[self.algorithm]
+        algorithm = get_algorithm(self.algorithm)
+        kinds, losses = algorithm.data_kinds, algorithm.loss_kinds
         if self.data.kind not in kinds:
             raise ValueError(f"algorithm={self.algorithm} reads data.kind {kinds}, got data.kind={self.data.kind!r}")
         if self.loss.kind not in losses:
             raise ValueError(f"algorithm={self.algorithm} trains with loss.kind {losses}, got loss.kind={self.loss.kind!r}")
-        needs_reference = self.algorithm in ("dpo", "distill") or getattr(self.loss, "kl_coef", 0.0) > 0
-        if needs_reference and self.reference.source == "none":
+        needs = build_loss(self.loss).batch_needs
+        if needs.reference_logprobs and self.reference.source == "none":
             raise ValueError(
                 f"algorithm={self.algorithm} with loss.kind={self.loss.kind} needs a reference model: "
                 "set reference.source to 'initial' or 'checkpoint'"
             )
-        exact_kl = getattr(self.loss, "kl_estimator", None) == "full" and getattr(self.loss, "kl_coef", 0.0) > 0
-        if (exact_kl or self.algorithm == "distill") and not self.reference.keep_logits:
+        if needs.reference_logits and not self.reference.keep_logits:
             raise ValueError("exact KL / distillation needs reference.keep_logits: true")
         if self.loss.kind == "ppo" and getattr(self.loss, "value_coef", 0.0) > 0 and not self.model.value_head:
             raise ValueError("loss.value_coef > 0 needs model.value_head: true")
-        if self.algorithm in ("grpo", "offline-rl"):
+        if algorithm.rewards:
             self.rollout.check_job(algorithm=self.algorithm, value_head=self.model.value_head,
                                    reference=self.reference.source)
         if self.data.tokenizer == "byte" and self.model.vocab_size < 259:
@@ -219,45 +211,46 @@ class JobConfig:
             )
 
     def _check_algorithm_batches(self, dp: int) -> None:
-        train = self.train
-        if self.algorithm == "dpo" and train.micro_batch_size % 2 != 0:
-            raise ValueError(f"dpo keeps pairs together: train.micro_batch_size={train.micro_batch_size} must be even")
-        if self.algorithm == "offline-rl" and self.data.group_size is not None:
+        train, algorithm = self.train, get_algorithm(self.algorithm)
+        if self.data.kind == "preference" and train.micro_batch_size % 2 != 0:
+            raise ValueError(f"preference pairs stay together: train.micro_batch_size={train.micro_batch_size} "
+                             "must be even")
+        if algorithm.rewards and not algorithm.online and self.data.group_size is not None:
             if train.global_batch_size % self.data.group_size != 0:
                 raise ValueError(
                     f"train.global_batch_size={train.global_batch_size} must be a multiple of "
                     f"data.group_size={self.data.group_size} (whole groups in every step)"
                 )
-        if self.loss.kind == "ppo" and getattr(self.loss, "value_coef", 0.0) > 0 and self.algorithm not in ("grpo", "offline-rl"):
-            raise ValueError("loss.value_coef > 0 needs rewards: algorithm grpo or offline-rl")
-        if self.algorithm in ("grpo", "offline-rl"):
-            group = self.rollout.group_size if self.algorithm == "grpo" else None
-            if group is not None:
-                if train.global_batch_size % (group * dp) != 0:
-                    raise ValueError(
-                        f"train.global_batch_size={train.global_batch_size} must be a multiple of "
-                        f"rollout.group_size={group} × dp={dp} (whole groups on every data-parallel rank)"
-                    )
-                microbatches = train.num_microbatches(dp)
-                updates = self.rollout.updates_per_rollout
-                if microbatches % updates != 0:
-                    raise ValueError(
-                        f"the {microbatches} micro-batches per rank of a rollout must split evenly into "
-                        f"rollout.updates_per_rollout={updates} optimizer steps"
-                    )
-                if self.parallel.vpp and (microbatches // updates) % self.parallel.pp != 0:
-                    raise ValueError(
-                        f"interleaved pipelining needs the micro-batches of each update ({microbatches // updates}) "
-                        f"to be a multiple of parallel.pp={self.parallel.pp}"
-                    )
-                if getattr(self.loss, "temperature", 1.0) != self.rollout.temperature:
-                    raise ValueError(
-                        f"loss.temperature={getattr(self.loss, 'temperature', 1.0)} must equal "
-                        f"rollout.temperature={self.rollout.temperature} (log-probs of the sampling distribution)"
-                    )
-                if self.data.seq_length < 4 + self.rollout.max_new_tokens:
-                    raise ValueError("data.seq_length leaves no room for prompts after rollout.max_new_tokens")
-                if self.rollout.engine == "megatron":
-                    self.rollout_wave_rows(dp)
-                else:
-                    self._check_vllm()
+        if self.loss.kind == "ppo" and getattr(self.loss, "value_coef", 0.0) > 0 and not algorithm.rewards:
+            rewarded = " or ".join(algorithms_with(rewards=True))
+            raise ValueError(f"loss.value_coef > 0 needs rewards: algorithm {rewarded}")
+        if algorithm.online:
+            group = self.rollout.group_size
+            if train.global_batch_size % (group * dp) != 0:
+                raise ValueError(
+                    f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+                    f"rollout.group_size={group} × dp={dp} (whole groups on every data-parallel rank)"
+                )
+            microbatches = train.num_microbatches(dp)
+            updates = self.rollout.updates_per_rollout
+            if microbatches % updates != 0:
+                raise ValueError(
+                    f"the {microbatches} micro-batches per rank of a rollout must split evenly into "
+                    f"rollout.updates_per_rollout={updates} optimizer steps"
+                )
+            if self.parallel.vpp and (microbatches // updates) % self.parallel.pp != 0:
+                raise ValueError(
+                    f"interleaved pipelining needs the micro-batches of each update ({microbatches // updates}) "
+                    f"to be a multiple of parallel.pp={self.parallel.pp}"
+                )
+            if getattr(self.loss, "temperature", 1.0) != self.rollout.temperature:
+                raise ValueError(
+                    f"loss.temperature={getattr(self.loss, 'temperature', 1.0)} must equal "
+                    f"rollout.temperature={self.rollout.temperature} (log-probs of the sampling distribution)"
+                )
+            if self.data.seq_length < 4 + self.rollout.max_new_tokens:
+                raise ValueError("data.seq_length leaves no room for prompts after rollout.max_new_tokens")
+            if self.rollout.engine == "megatron":
+                self.rollout_wave_rows(dp)
+            else:
+                self._check_vllm()

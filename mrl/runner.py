@@ -18,6 +18,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from mrl.algorithms import get_algorithm
 from mrl.job import JobConfig
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE")
@@ -29,17 +30,8 @@ def under_launcher() -> bool:
 
 
 def build_trainer(cfg: JobConfig, layout):
-    if cfg.algorithm == "grpo":
-        from mrl.rl.grpo import GRPOTrainer
-
-        return GRPOTrainer(cfg, layout)
-    if cfg.algorithm == "offline-rl":
-        from mrl.rl.offline import OfflineRLTrainer
-
-        return OfflineRLTrainer(cfg, layout)
-    from mrl.train.trainer import Trainer
-
-    return Trainer(cfg, layout)
+    """The trainer of ``cfg.algorithm`` (``mrl.algorithms``), built on ``layout``."""
+    return get_algorithm(cfg.algorithm).trainer_class()(cfg, layout)
 
 
 def run_rank(cfg: JobConfig, *, lock_held: bool = False) -> int:

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from mrl.config import dump_yaml, load_config, redundant_keys, undocumented_fields
-from mrl.job import ALGORITHMS, JobConfig
+from mrl.algorithms import ALGORITHMS
+from mrl.job import JobConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
