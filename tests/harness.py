@@ -26,6 +26,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 DEFAULT_TIMEOUT_S = 240.0
+# A rank whose thread count passes this after a case is replaced before the next one. Destroyed
+# process groups that stay referenced keep three gloo threads each, and some Megatron objects are
+# never freed (MoE models under Megatron's DDP stay alive through their gradient hooks: ~16 groups,
+# 48 threads per trainer case); hundreds of such threads per rank slow every later test to a crawl.
+MAX_RANK_THREADS = 120
 # After one rank fails, how long the others get to finish before the pool is declared broken.
 FAILURE_GRACE_S = 20.0
 
@@ -81,9 +86,15 @@ def _worker(rank: int, world_size: int, port: int, log_dir: str, tasks, results)
     from mrl.parallel.cpu import enable_cpu_execution
 
     enable_cpu_execution()
-    results.put(pickle.dumps(("ready", rank, None)))
+    results.put(pickle.dumps(("ready", rank, None, 0)))
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=2.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # pytest died without closing the pool: do not linger
+                break
+            continue
         if task is None:
             break
         case_id, fn, args, kwargs = pickle.loads(task)
@@ -95,11 +106,19 @@ def _worker(rank: int, world_size: int, port: int, log_dir: str, tasks, results)
         finally:
             _reset_parallel_state()
         try:
-            payload = pickle.dumps((case_id, rank, outcome))
+            payload = pickle.dumps((case_id, rank, outcome, _thread_count()))
         except Exception:  # noqa: BLE001
-            payload = pickle.dumps((case_id, rank, ("error", "unpicklable result:\n" + traceback.format_exc())))
+            payload = pickle.dumps((case_id, rank, ("error", "unpicklable result:\n" + traceback.format_exc()), 0))
         results.put(payload)
     dist.destroy_process_group()
+
+
+def _thread_count() -> int:
+    """Threads of this process (0 where /proc is missing)."""
+    try:
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+    except OSError:
+        return 0
 
 
 def _reset_parallel_state() -> None:
@@ -125,6 +144,7 @@ class RankPool:
         self.world_size = world_size
         self._procs: list = []
         self._case = 0
+        self._threads: dict[int, int] = {}  # rank -> its thread count after the last case
         self.log_dir = tempfile.mkdtemp(prefix=f"mrl-ranks{world_size}-")
 
     # Lifecycle ----------------------------------------------------------------------------------
@@ -166,6 +186,7 @@ class RankPool:
                 kill_tree(proc.pid)
             proc.join(timeout=5)
         self._procs = []
+        self._threads = {}
 
     def _alive(self) -> bool:
         return bool(self._procs) and all(proc.is_alive() for proc in self._procs)
@@ -185,7 +206,7 @@ class RankPool:
         outcomes = self._collect(lambda msg: msg[0] == case_id, timeout, fn.__qualname__)
         errors = {rank: out[1] for rank, out in outcomes.items() if out[0] == "error"}
         missing = sorted(set(range(self.world_size)) - set(outcomes))
-        if missing:
+        if missing or max(self._threads.values(), default=0) > MAX_RANK_THREADS:
             self.close()
         if errors or missing:
             raise CaseFailed(self._report(fn, errors, missing, timeout))
@@ -206,6 +227,7 @@ class RankPool:
             if not belongs(msg):
                 continue
             got[msg[1]] = msg[2]
+            self._threads[msg[1]] = msg[3]
             if msg[2] and msg[2][0] == "error":
                 deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
         return got

@@ -51,7 +51,12 @@ def _max_rel(values, reference) -> float:
     return max(abs(v - r) / abs(r) for v, r in zip(values, reference))
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# The default suite keeps one layout per dispatcher path and parallel dimension; these repeat a path
+# already covered there and run with ``-m soak``.
+SOAK_LAYOUTS = ("ep4", "ep2-allgather", "tp2etp1ep2-sp")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.soak) if n in SOAK_LAYOUTS else n for n in LAYOUTS])
 def test_moe_curve_is_layout_invariant(ranks4, moe_reference, tmp_path, name):
     results = ranks4.run(case_moe_curve, [*SHORT, *LAYOUTS[name]], str(tmp_path))
     for result in results:  # every rank reports the same global values
@@ -110,7 +115,8 @@ def case_recipe_curve(recipe: str, overrides: list[str], output_dir: str) -> dic
     return {"curve": [(r.loss, r.grad_norm) for r in results], "aux": [r.metrics.get("moe_aux_loss", 0.0) for r in results]}
 
 
-@pytest.mark.parametrize("recipe", ["configs/dpo-tiny-cpu.yaml", "configs/offline-grpo-tiny-cpu.yaml"])
+@pytest.mark.parametrize("recipe", ["configs/dpo-tiny-cpu.yaml",
+                                    pytest.param("configs/offline-grpo-tiny-cpu.yaml", marks=pytest.mark.soak)])
 def test_router_losses_join_every_algorithm_layout_invariantly(ranks4, tmp_path, recipe):
     """DPO (with a frozen MoE reference) and offline GRPO (KL to the reference) on MoE models: the
     router losses are part of the gradient, normalised the same way at every layout."""
@@ -209,7 +215,8 @@ def test_moe_resume_is_bit_exact(ranks4, tmp_path):
 
 @pytest.mark.parametrize("saved, loaded", [
     (["parallel.ep=2"], ["parallel.ep=1"]),
-    (["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"], ["parallel.pp=2", "parallel.ep=2"]),
+    pytest.param(["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"], ["parallel.pp=2", "parallel.ep=2"],
+                 marks=pytest.mark.soak),
 ])
 def test_moe_checkpoint_reshards_across_expert_layouts(ranks4, tmp_path, saved, loaded):
     base = [*SHORT[1:], "train.steps=2"]
@@ -254,7 +261,7 @@ def case_on_policy_ratio(overrides: list[str], output_dir: str) -> dict:
     return {"recorded": recorded, **{k: metrics.get(k) for k in ("ratio_mean", "ratio_min", "ratio_max")}}
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=1", "parallel.pp=1", "parallel.ep=2"],
+@pytest.mark.parametrize("layout", [pytest.param(["parallel.tp=1", "parallel.pp=1", "parallel.ep=2"], marks=pytest.mark.soak),
                                     ["parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.sequence_parallel=true"]])
 def test_routing_replay_gives_ratio_one_on_policy(ranks4, tmp_path, layout):
     replayed = ranks4.run(case_on_policy_ratio, [*REPLAY, *layout, "model.moe_routing_replay=true"], str(tmp_path / "a"))

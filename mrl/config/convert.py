@@ -12,8 +12,9 @@ Accepted values per annotation:
 * ``list[X]``, ``tuple[X, ...]``, ``tuple[X, Y]``: a YAML list. ``dict[K, V]``: a mapping.
 * ``Any``: anything.
 
-Construction runs each dataclass's ``__post_init__``; its ``ValueError`` becomes an issue that names
-the recipe files that set the section.
+Construction runs each dataclass's ``__post_init__``; its ``ValueError`` (which names fields bare,
+``clip_low must be ...``) becomes an issue with the section's full path (``loss.clip_low must be
+...``; ``qualify``) and the recipe files that set the section.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import difflib
 import re
 import types
 import typing
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Collection, Literal, Mapping, Optional, Union
 
 from mrl.config.errors import Index, KeyPath, Source, format_path
 from mrl.config.recipe import Resolved
 
+_LEADING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"^\s*[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?\s*$")
 _INVALID = object()
 SEQUENCE_ORIGINS = (list, tuple, collections.abc.Sequence)
@@ -52,6 +54,23 @@ def type_name(tp: Any) -> str:
             return f"tuple[{type_name(args[0])}, ...]"
         return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
     return getattr(tp, "__name__", str(tp))
+
+
+def qualify(message: str, path: KeyPath, field_names: Collection[str]) -> str:
+    """A ``__post_init__`` error of the dataclass at ``path`` with its full path: a message that starts
+    with one of its ``field_names`` gets the path before it (``clip_low must be ...`` at ``loss`` →
+    ``loss.clip_low must be ...``; ``kind must ...`` at ``rollout.warmup_data`` →
+    ``rollout.warmup_data.kind must ...``), any other message the path and a colon. Messages at the
+    top level, or already starting with the path, are returned unchanged."""
+    if not path:
+        return message
+    prefix = format_path(path)
+    if message.startswith(prefix + ".") or message.startswith(prefix + "="):
+        return message
+    leading = _LEADING_NAME.match(message)
+    if leading and leading.group() in field_names:
+        return f"{prefix}.{message}"
+    return f"{prefix}: {message}"
 
 
 def describe_value(value: Any) -> str:
@@ -231,7 +250,7 @@ class Converter:
         try:
             return cls(**kwargs)
         except ValueError as exc:
-            self.issues.append(f"{exc}{self._sections_note(path)}")
+            self.issues.append(f"{qualify(str(exc), path, fields)}{self._sections_note(path)}")
             return _INVALID
 
     def _unknown_key(self, path: KeyPath, key: Any, valid: list[str]) -> None:

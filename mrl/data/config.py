@@ -88,44 +88,44 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"data.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
-            raise ValueError(f"data.path must be a non-empty string or null, got {self.path!r}")
+            raise ValueError(f"path must be a non-empty string or null, got {self.path!r}")
         if self.path is not None and self.path.startswith(BUILTIN_PREFIX):
             name = self.path[len(BUILTIN_PREFIX):]
             if name not in BUILTIN_DATASETS:
                 raise ValueError(
-                    f"data.path={self.path!r} names no embedded dataset; known: "
+                    f"path={self.path!r} names no embedded dataset; known: "
                     f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)}"
                 )
             if BUILTIN_DATASETS[name] != self.kind:
                 raise ValueError(
-                    f"data.path={self.path!r} holds {BUILTIN_DATASETS[name]!r} records but "
-                    f"data.kind={self.kind!r}"
+                    f"path={self.path!r} holds {BUILTIN_DATASETS[name]!r} records but "
+                    f"kind={self.kind!r}"
                 )
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ValueError(f"data.tokenizer must be 'byte' or a directory path, got {self.tokenizer!r}")
-        require_positive_ints(self, "data", ("seq_length", "pad_to_multiple_of"))
+            raise ValueError(f"tokenizer must be 'byte' or a directory path, got {self.tokenizer!r}")
+        require_positive_ints(self, ("seq_length", "pad_to_multiple_of"))
         if self.seq_length < 2:
-            raise ValueError(f"data.seq_length must be >= 2 (a token and its successor), got {self.seq_length}")
+            raise ValueError(f"seq_length must be >= 2 (a token and its successor), got {self.seq_length}")
         if self.seq_length % self.pad_to_multiple_of != 0:
             raise ValueError(
-                f"data.seq_length={self.seq_length} is not a multiple of "
-                f"data.pad_to_multiple_of={self.pad_to_multiple_of}"
+                f"seq_length={self.seq_length} is not a multiple of "
+                f"pad_to_multiple_of={self.pad_to_multiple_of}"
             )
         if self.pad_to not in PAD_TO:
-            raise ValueError(f"data.pad_to must be one of {', '.join(PAD_TO)}, got {self.pad_to!r}")
+            raise ValueError(f"pad_to must be one of {', '.join(PAD_TO)}, got {self.pad_to!r}")
         if self.truncation not in TRUNCATIONS:
-            raise ValueError(f"data.truncation must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}")
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}")
         if self.packing and self.kind != "sft":
-            raise ValueError(f"data.packing applies to data.kind='sft' only, got kind={self.kind!r}")
+            raise ValueError(f"packing applies to kind='sft' only, got kind={self.kind!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"data.seed must be a non-negative integer, got {self.seed!r}")
-        require_optional_positive_ints(self, "data", ("max_records",))
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        require_optional_positive_ints(self, ("max_records",))
         if self.group_size is not None:
             if self.kind != "rollout":
-                raise ValueError(f"data.group_size applies to data.kind='rollout' only, got kind={self.kind!r}")
-            require_optional_positive_ints(self, "data", ("group_size",))
+                raise ValueError(f"group_size applies to kind='rollout' only, got kind={self.kind!r}")
+            require_optional_positive_ints(self, ("group_size",))
 
     @property
     def source(self) -> str:

@@ -183,9 +183,9 @@ class LossConfigBase:
     at the cost of one device-to-host sync; shapes and keys are always checked."""
 
     def __post_init__(self) -> None:
-        require_optional_positive_ints(self, "loss", ("chunk_size",))
+        require_optional_positive_ints(self, ("chunk_size",))
         if not isinstance(self.validate, bool):
-            raise ValueError(f"loss.validate must be true or false, got {self.validate!r}")
+            raise ValueError(f"validate must be true or false, got {self.validate!r}")
 
 
 @dataclass(frozen=True)

@@ -62,17 +62,17 @@ class DistillLossConfig(LossConfigBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kind != "distill":
-            raise ValueError(f"loss.kind must be 'distill' for DistillLossConfig, got {self.kind!r}")
+            raise ValueError(f"kind must be 'distill' for DistillLossConfig, got {self.kind!r}")
         if self.direction not in ("forward", "reverse", "jsd"):
-            raise ValueError(f"loss.direction must be 'forward', 'reverse' or 'jsd', got {self.direction!r}")
+            raise ValueError(f"direction must be 'forward', 'reverse' or 'jsd', got {self.direction!r}")
         if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"loss.jsd_beta must be in [0, 1], got {self.jsd_beta}")
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.teacher_topk is not None and (isinstance(self.teacher_topk, bool) or self.teacher_topk < 1):
-            raise ValueError(f"loss.teacher_topk must be a positive number of tokens or null, got {self.teacher_topk!r}")
+            raise ValueError(f"teacher_topk must be a positive number of tokens or null, got {self.teacher_topk!r}")
         if self.topk_tail not in TAILS:
-            raise ValueError(f"loss.topk_tail must be one of {list(TAILS)}, got {self.topk_tail!r}")
+            raise ValueError(f"topk_tail must be one of {list(TAILS)}, got {self.topk_tail!r}")
         if self.temperature <= 0.0:
-            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 class DistillLoss(Loss):

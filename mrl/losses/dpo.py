@@ -118,41 +118,41 @@ class DPOLossConfig(LossConfigBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kind != "dpo":
-            raise ValueError(f"loss.kind must be 'dpo' for DPOLossConfig, got {self.kind!r}")
+            raise ValueError(f"kind must be 'dpo' for DPOLossConfig, got {self.kind!r}")
         types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         bad = [t for t in types if t not in P.PREFERENCE_LOSSES]
         if not types or bad:
-            raise ValueError(f"loss.loss_type must be one of {list(P.PREFERENCE_LOSSES)} or a non-empty list "
+            raise ValueError(f"loss_type must be one of {list(P.PREFERENCE_LOSSES)} or a non-empty list "
                              f"of them, got {self.loss_type!r}")
         if len(set(types)) != len(types):
-            raise ValueError(f"loss.loss_type lists a type twice: {types}")
+            raise ValueError(f"loss_type lists a type twice: {types}")
         if self.loss_weights is not None:
             if len(self.loss_weights) != len(types):
-                raise ValueError(f"loss.loss_weights needs one weight per loss.loss_type entry ({len(types)}), "
+                raise ValueError(f"loss_weights needs one weight per loss_type entry ({len(types)}), "
                                  f"got {list(self.loss_weights)}")
             if any(not w >= 0.0 for w in self.loss_weights):
-                raise ValueError(f"loss.loss_weights must be >= 0, got {list(self.loss_weights)}")
+                raise ValueError(f"loss_weights must be >= 0, got {list(self.loss_weights)}")
         if self.beta <= 0.0:
-            raise ValueError(f"loss.beta must be > 0, got {self.beta}")
+            raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing > 0.0 and not any(t in P.SMOOTHED_LOSSES for t in types):
-            raise ValueError(f"loss.label_smoothing needs a loss.loss_type among {list(P.SMOOTHED_LOSSES)}, "
+            raise ValueError(f"label_smoothing needs a loss_type among {list(P.SMOOTHED_LOSSES)}, "
                              f"got {self.loss_type!r}")
         if not self.discopop_tau > 0.0:
-            raise ValueError(f"loss.discopop_tau must be > 0, got {self.discopop_tau}")
+            raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau}")
         if self.ld_alpha is not None:
             if not 0.0 <= self.ld_alpha <= 1.0:
-                raise ValueError(f"loss.ld_alpha must be in [0, 1] or null, got {self.ld_alpha}")
+                raise ValueError(f"ld_alpha must be in [0, 1] or null, got {self.ld_alpha}")
             if self.average_logprobs:
-                raise ValueError("loss.ld_alpha weights summed log-probs; it cannot be combined with "
-                                 "loss.average_logprobs (already length-normalised)")
+                raise ValueError("ld_alpha weights summed log-probs; it cannot be combined with "
+                                 "average_logprobs (already length-normalised)")
         if self.sft_coef < 0.0:
-            raise ValueError(f"loss.sft_coef must be >= 0, got {self.sft_coef}")
+            raise ValueError(f"sft_coef must be >= 0, got {self.sft_coef}")
         if self.sft_normalizer not in ("pairs", "chosen_tokens"):
-            raise ValueError(f"loss.sft_normalizer must be 'pairs' or 'chosen_tokens', got {self.sft_normalizer!r}")
+            raise ValueError(f"sft_normalizer must be 'pairs' or 'chosen_tokens', got {self.sft_normalizer!r}")
         if self.sft_normalizer == "chosen_tokens" and self.sft_average_logprobs is not None:
-            raise ValueError("loss.sft_average_logprobs applies to sft_normalizer 'pairs'; "
+            raise ValueError("sft_average_logprobs applies to sft_normalizer 'pairs'; "
                              "'chosen_tokens' is a token mean already (leave it null)")
 
     @property

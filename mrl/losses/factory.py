@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Union
 
+from mrl.config.convert import qualify
 from mrl.losses.base import Loss, LossConfigBase
 from mrl.losses.distill import DistillLoss, DistillLossConfig
 from mrl.losses.dpo import DPOLoss, DPOLossConfig
@@ -35,7 +36,10 @@ def loss_config_from_dict(data: Mapping) -> LossConfigBase:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown loss field(s) {unknown} for loss.kind={kind!r}; known: {sorted(names)}")
-    return config_cls(**dict(data))
+    try:
+        return config_cls(**dict(data))
+    except ValueError as exc:  # the fields' own checks name them bare; here they are loss.<field>
+        raise ValueError(qualify(str(exc), ("loss",), names)) from None
 
 
 def build_loss(config: LossConfigBase | Mapping, *, vocab_size: int | None = None) -> Loss:

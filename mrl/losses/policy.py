@@ -165,54 +165,54 @@ class PolicyLossConfig(LossConfigBase):
         _check_choice("is_correction", self.is_correction, LF.IS_CORRECTIONS)
         _check_choice("is_level", self.is_level, LF.IS_LEVELS)
         if not 0.0 <= self.clip_low < 1.0:
-            raise ValueError(f"loss.clip_low must be in [0, 1), got {self.clip_low}")
+            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
         if self.clip_high < 0.0:
-            raise ValueError(f"loss.clip_high must be >= 0, got {self.clip_high}")
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"loss.dual_clip must be > 1 or null, got {self.dual_clip}")
-        require_optional_positive_ints(self, "loss", ("norm_length",))
+            raise ValueError(f"dual_clip must be > 1 or null, got {self.dual_clip}")
+        require_optional_positive_ints(self, ("norm_length",))
         for name in ("kl_coef", "entropy_coef", "value_coef"):
             if getattr(self, name) < 0.0:
-                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("kl_log_ratio_clamp", "kl_output_clamp", "value_clip"):
             value = getattr(self, name)
             if value is not None and value <= 0.0:
-                raise ValueError(f"loss.{name} must be > 0 or null, got {value}")
+                raise ValueError(f"{name} must be > 0 or null, got {value}")
         if not 0.0 <= self.is_low < self.is_high:
             raise ValueError(
-                f"loss.is_low must be >= 0 and < loss.is_high, got is_low={self.is_low}, is_high={self.is_high}"
+                f"is_low must be >= 0 and < is_high, got is_low={self.is_low}, is_high={self.is_high}"
             )
         if not 0.0 <= self.is_seq_low < self.is_seq_high:
-            raise ValueError(f"loss.is_seq_low must be >= 0 and < loss.is_seq_high, got is_seq_low="
+            raise ValueError(f"is_seq_low must be >= 0 and < is_seq_high, got is_seq_low="
                              f"{self.is_seq_low}, is_seq_high={self.is_seq_high}")
         if self.dual_clip is not None and self.policy_loss not in ("ppo-clip", "clip-cov"):
-            raise ValueError(f"loss.dual_clip applies to policy_loss ppo-clip and clip-cov only, got "
+            raise ValueError(f"dual_clip applies to policy_loss ppo-clip and clip-cov only, got "
                              f"policy_loss={self.policy_loss!r}")
         if self.ratio_level == "sequence" and self.policy_loss != "ppo-clip":
-            raise ValueError(f"loss.ratio_level 'sequence' (GSPO) applies to policy_loss ppo-clip only, got "
+            raise ValueError(f"ratio_level 'sequence' (GSPO) applies to policy_loss ppo-clip only, got "
                              f"policy_loss={self.policy_loss!r}")
         if not isinstance(self.force_on_policy_ratio, bool):
-            raise ValueError(f"loss.force_on_policy_ratio must be true or false, got {self.force_on_policy_ratio!r}")
+            raise ValueError(f"force_on_policy_ratio must be true or false, got {self.force_on_policy_ratio!r}")
         for name in ("sapo_tau_pos", "sapo_tau_neg"):
             if getattr(self, name) <= 0.0:
-                raise ValueError(f"loss.{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("clip_cov_ratio", "kl_cov_ratio"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"loss.{name} must be in (0, 1], got {getattr(self, name)}")
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.clip_cov_lb >= self.clip_cov_ub:
-            raise ValueError(f"loss.clip_cov_lb must be < loss.clip_cov_ub, got clip_cov_lb={self.clip_cov_lb}, "
+            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got clip_cov_lb={self.clip_cov_lb}, "
                              f"clip_cov_ub={self.clip_cov_ub}")
         if self.kl_cov_coef < 0.0:
-            raise ValueError(f"loss.kl_cov_coef must be >= 0, got {self.kl_cov_coef}")
+            raise ValueError(f"kl_cov_coef must be >= 0, got {self.kl_cov_coef}")
         if not isinstance(self.cov_seed, int) or isinstance(self.cov_seed, bool):
-            raise ValueError(f"loss.cov_seed must be an integer, got {self.cov_seed!r}")
+            raise ValueError(f"cov_seed must be an integer, got {self.cov_seed!r}")
         if self.temperature <= 0.0:
-            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 def _check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"loss.{name} must be one of {list(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 class PolicyLoss(Loss):

@@ -45,20 +45,20 @@ class SFTLossConfig(LossConfigBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kind != "sft":
-            raise ValueError(f"loss.kind must be 'sft' for SFTLossConfig, got {self.kind!r}")
+            raise ValueError(f"kind must be 'sft' for SFTLossConfig, got {self.kind!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.focal_gamma < 0.0:
-            raise ValueError(f"loss.focal_gamma must be >= 0, got {self.focal_gamma}")
+            raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.focal_alpha <= 0.0:
-            raise ValueError(f"loss.focal_alpha must be > 0, got {self.focal_alpha}")
+            raise ValueError(f"focal_alpha must be > 0, got {self.focal_alpha}")
         if self.focal_gamma > 0.0 and self.label_smoothing > 0.0:
             raise ValueError(
-                "loss.focal_gamma and loss.label_smoothing cannot both be set (the focal loss has no "
+                "focal_gamma and label_smoothing cannot both be set (the focal loss has no "
                 f"smoothed form here), got focal_gamma={self.focal_gamma}, label_smoothing={self.label_smoothing}"
             )
         if self.z_loss_coef < 0.0:
-            raise ValueError(f"loss.z_loss_coef must be >= 0, got {self.z_loss_coef}")
+            raise ValueError(f"z_loss_coef must be >= 0, got {self.z_loss_coef}")
 
 
 class SFTLoss(Loss):

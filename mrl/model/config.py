@@ -165,27 +165,27 @@ class ModelConfig:
     training passes of the same rollout, so a strictly on-policy step has ratio exactly 1."""
 
     def __post_init__(self) -> None:
-        require_positive_ints(self, "model", ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+        require_positive_ints(self, ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                                               "max_sequence_length", "make_vocab_size_divisible_by",
                                               "recompute_num_layers"))
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
-                f"model.hidden_size={self.hidden_size} is not divisible by "
-                f"model.num_attention_heads={self.num_attention_heads}"
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
             )
         if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
             raise ValueError(
-                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"model.num_query_groups={self.num_query_groups}"
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.num_query_groups}"
             )
         if self.rope_scaling_factor is not None and (self.position_embedding != "rope" or self.rope_scaling_factor < 1):
             raise ValueError(
-                f"model.rope_scaling_factor needs position_embedding rope and a factor >= 1, got "
+                f"rope_scaling_factor needs position_embedding rope and a factor >= 1, got "
                 f"{self.rope_scaling_factor} with position_embedding {self.position_embedding!r}"
             )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         _check_moe(self)
 
     def padded_vocab_size(self, tp: int) -> int:
@@ -218,52 +218,52 @@ def _check_moe(model: ModelConfig) -> None:
     """Validate the MoE fields; ``ValueError`` names each offending field."""
     if model.num_experts is None:
         return
-    require_positive_ints(model, "model", ("num_experts", "moe_topk"))
-    require_optional_positive_ints(model, "model", ("moe_ffn_hidden_size", "moe_shared_expert_size"))
+    require_positive_ints(model, ("num_experts", "moe_topk"))
+    require_optional_positive_ints(model, ("moe_ffn_hidden_size", "moe_shared_expert_size"))
     if model.moe_topk > model.num_experts:
-        raise ValueError(f"model.moe_topk={model.moe_topk} exceeds model.num_experts={model.num_experts}")
+        raise ValueError(f"moe_topk={model.moe_topk} exceeds num_experts={model.num_experts}")
     freq = model.moe_layer_freq
     if isinstance(freq, bool) or not isinstance(freq, (int, list)):
-        raise ValueError(f"model.moe_layer_freq must be a positive integer or a list of 0/1, got {freq!r}")
+        raise ValueError(f"moe_layer_freq must be a positive integer or a list of 0/1, got {freq!r}")
     if isinstance(freq, int) and freq < 1:
-        raise ValueError(f"model.moe_layer_freq must be a positive integer or a list of 0/1, got {freq!r}")
+        raise ValueError(f"moe_layer_freq must be a positive integer or a list of 0/1, got {freq!r}")
     if isinstance(freq, list):
         if len(freq) != model.num_layers or any(v not in (0, 1) or isinstance(v, bool) for v in freq):
             raise ValueError(
-                f"model.moe_layer_freq as a list needs model.num_layers={model.num_layers} entries of 0 or 1, "
+                f"moe_layer_freq as a list needs num_layers={model.num_layers} entries of 0 or 1, "
                 f"got {freq!r}")
         if not any(freq):
-            raise ValueError("model.moe_layer_freq has no MoE layer (no 1); set model.num_experts: null for a dense model")
+            raise ValueError("moe_layer_freq has no MoE layer (no 1); set num_experts: null for a dense model")
     if model.moe_shared_expert_gate and model.moe_shared_expert_size is None:
-        raise ValueError("model.moe_shared_expert_gate needs model.moe_shared_expert_size")
+        raise ValueError("moe_shared_expert_gate needs moe_shared_expert_size")
     if model.moe_topk == 1 and model.moe_router_score_function == "softmax" and not model.moe_router_pre_softmax:
         raise ValueError(
-            "model.moe_topk=1 with moe_router_score_function softmax needs model.moe_router_pre_softmax=true "
+            "moe_topk=1 with moe_router_score_function softmax needs moe_router_pre_softmax=true "
             "(a softmax over one selected logit is constant and gives the router no gradient)")
     for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_bias_update_rate"):
         value = getattr(model, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     if model.moe_aux_loss_coeff > 0 and model.moe_load_balancing == "none":
-        raise ValueError("model.moe_aux_loss_coeff > 0 needs model.moe_load_balancing aux_loss or seq_aux_loss, got none")
+        raise ValueError("moe_aux_loss_coeff > 0 needs moe_load_balancing aux_loss or seq_aux_loss, got none")
     if model.moe_router_topk_scaling_factor is not None and model.moe_router_topk_scaling_factor <= 0:
         raise ValueError(
-            f"model.moe_router_topk_scaling_factor must be > 0 or null, got {model.moe_router_topk_scaling_factor!r}")
+            f"moe_router_topk_scaling_factor must be > 0 or null, got {model.moe_router_topk_scaling_factor!r}")
     if model.moe_capacity_factor is not None:
         if model.moe_capacity_factor <= 0:
-            raise ValueError(f"model.moe_capacity_factor must be > 0 or null (drop-less), got {model.moe_capacity_factor!r}")
+            raise ValueError(f"moe_capacity_factor must be > 0 or null (drop-less), got {model.moe_capacity_factor!r}")
         if model.moe_load_balancing != "aux_loss":
             raise ValueError(
-                f"model.moe_capacity_factor needs model.moe_load_balancing=aux_loss (Megatron-Core drops tokens only "
+                f"moe_capacity_factor needs moe_load_balancing=aux_loss (Megatron-Core drops tokens only "
                 f"then), got {model.moe_load_balancing!r}")
     elif model.moe_pad_expert_input_to_capacity:
-        raise ValueError("model.moe_pad_expert_input_to_capacity needs model.moe_capacity_factor")
+        raise ValueError("moe_pad_expert_input_to_capacity needs moe_capacity_factor")
     if model.moe_expert_bias and model.moe_router_score_function != "sigmoid":
-        raise ValueError("model.moe_expert_bias needs model.moe_router_score_function=sigmoid (Megatron-Core's aux-loss-free balancing)")
+        raise ValueError("moe_expert_bias needs moe_router_score_function=sigmoid (Megatron-Core's aux-loss-free balancing)")
     if model.moe_routing_replay and model.moe_capacity_factor is not None:
-        raise ValueError("model.moe_routing_replay needs drop-less routing (model.moe_capacity_factor: null)")
+        raise ValueError("moe_routing_replay needs drop-less routing (moe_capacity_factor: null)")
     if model.moe_routing_replay and model.recompute == "full":
-        raise ValueError("model.moe_routing_replay does not work with model.recompute=full (recomputed routers would not replay)")
+        raise ValueError("moe_routing_replay does not work with recompute=full (recomputed routers would not replay)")
 
 
 @dataclass
@@ -317,18 +317,18 @@ class PrecisionConfig:
 
     def __post_init__(self) -> None:
         if self.fp8_param and self.fp8 is None:
-            raise ValueError("precision.fp8_param=true needs precision.fp8 to be set (e4m3 or hybrid)")
+            raise ValueError("fp8_param=true needs fp8 to be set (e4m3 or hybrid)")
         if self.fp8 is not None and self.dtype == "fp32":
-            raise ValueError("precision.fp8 needs precision.dtype bf16 or fp16, got fp32")
+            raise ValueError("fp8 needs dtype bf16 or fp16, got fp32")
         if self.fp8 is not None and self.first_last_layers_bf16 and self.fp8_recipe == "delayed":
             raise ValueError(
-                "precision.first_last_layers_bf16 does not work with precision.fp8_recipe=delayed "
+                "first_last_layers_bf16 does not work with fp8_recipe=delayed "
                 "(Megatron-Core refuses it); use tensorwise, blockwise or mxfp8"
             )
         if self.fp8_amax_history_len < 1:
-            raise ValueError(f"precision.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
+            raise ValueError(f"fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
         if self.loss_scale is not None and self.dtype != "fp16":
-            raise ValueError("precision.loss_scale only applies to precision.dtype=fp16")
+            raise ValueError("loss_scale only applies to dtype=fp16")
 
     def seq_multiple(self) -> int:
         """Tokens per rank must be a multiple of this for the FP8 GEMMs (1 without FP8)."""

@@ -58,19 +58,19 @@ class ParallelConfig:
     instead of hanging. Raise it when checkpoint saves or evaluation stall some ranks for long."""
 
     def __post_init__(self) -> None:
-        require_positive_ints(self, "parallel", ("tp", "pp", "cp", "ep"))
-        require_optional_positive_ints(self, "parallel", ("dp", "vpp", "etp"))
+        require_positive_ints(self, ("tp", "pp", "cp", "ep"))
+        require_optional_positive_ints(self, ("dp", "vpp", "etp"))
         if self.ep > 1 and self.cp > 1:
-            raise ValueError(f"parallel.ep={self.ep} with parallel.cp={self.cp} is not supported (expert "
+            raise ValueError(f"ep={self.ep} with cp={self.cp} is not supported (expert "
                              "parallelism with context parallelism is untested in mrl)")
         if self.vpp is not None:
             if self.pp < 2:
-                raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2, got pp={self.pp}")
+                raise ValueError(f"vpp={self.vpp} needs pp >= 2, got pp={self.pp}")
         if not isinstance(self.timeout_minutes, (int, float)) or isinstance(self.timeout_minutes, bool) \
                 or self.timeout_minutes <= 0:
-            raise ValueError(f"parallel.timeout_minutes must be > 0, got {self.timeout_minutes!r}")
+            raise ValueError(f"timeout_minutes must be > 0, got {self.timeout_minutes!r}")
         if self.sequence_parallel and self.tp == 1:
-            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1, got tp=1")
+            raise ValueError("sequence_parallel needs tp > 1, got tp=1")
 
     @property
     def expert_tp(self) -> int:
@@ -312,6 +312,11 @@ def destroy_parallel_state() -> None:
     for group in _parallel_state_groups(parallel_state):
         dist.destroy_process_group(group)
     parallel_state.destroy_model_parallel()
+    # destroy_model_parallel forgets a few groups (e.g. the gloo intra-partial data-parallel group):
+    # a destroyed group whose object stays referenced keeps its gloo threads running.
+    for name, value in list(vars(parallel_state).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(parallel_state, name, None)
 
 
 def _parallel_state_groups(parallel_state) -> list:

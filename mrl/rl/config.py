@@ -70,15 +70,15 @@ class VLLMConfig:
     """Seconds one bucket's load into the engine may take before the run stops with an error."""
 
     def __post_init__(self) -> None:
-        require_positive_ints(self, "rollout.vllm", ("tensor_parallel_size", "refit_bucket_mb", "kv_cache_gib"))
-        require_optional_positive_ints(self, "rollout.vllm", ("max_model_len", "block_size"))
+        require_positive_ints(self, ("tensor_parallel_size", "refit_bucket_mb", "kv_cache_gib"))
+        require_optional_positive_ints(self, ("max_model_len", "block_size"))
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"rollout.vllm.dtype must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("start_timeout_s", "refit_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"rollout.vllm.{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -181,46 +181,46 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         for name in ("group_size", "max_new_tokens", "updates_per_rollout", "epochs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
-            raise ValueError(f"rollout.group_size must be >= 2 for group advantages, got {self.group_size}")
+            raise ValueError(f"group_size must be >= 2 for group advantages, got {self.group_size}")
         if not self.temperature > 0:
-            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"rollout.top_k must be >= 0 (0 keeps every token), got {self.top_k}")
+            raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.engine not in ("megatron", "vllm"):
-            raise ValueError(f"rollout.engine must be one of megatron, vllm, got {self.engine!r}")
-        require_optional_positive_ints(self, "rollout", ("decode_rows",))
+            raise ValueError(f"engine must be one of megatron, vllm, got {self.engine!r}")
+        require_optional_positive_ints(self, ("decode_rows",))
         if not self.kv_cache_gib > 0:
-            raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.sft_warmup_steps < 0:
-            raise ValueError(f"rollout.sft_warmup_steps must be >= 0, got {self.sft_warmup_steps}")
+            raise ValueError(f"sft_warmup_steps must be >= 0, got {self.sft_warmup_steps}")
         if self.warmup_lr is not None and not self.warmup_lr > 0:
-            raise ValueError(f"rollout.warmup_lr must be > 0 or null, got {self.warmup_lr}")
+            raise ValueError(f"warmup_lr must be > 0 or null, got {self.warmup_lr}")
         if ":" not in self.reward:
-            raise ValueError(f"rollout.reward must be 'module:function', got {self.reward!r}")
+            raise ValueError(f"reward must be 'module:function', got {self.reward!r}")
         self._check_advantages()
         if self.warmup_data.kind != "sft":
-            raise ValueError(f"rollout.warmup_data.kind must be 'sft', got {self.warmup_data.kind!r}")
+            raise ValueError(f"warmup_data.kind must be 'sft', got {self.warmup_data.kind!r}")
 
     def _check_advantages(self) -> None:
         estimators = ADVANTAGE_ESTIMATORS
         if self.advantage_estimator not in estimators:
-            raise ValueError(f"rollout.advantage_estimator must be one of {', '.join(estimators)}, "
+            raise ValueError(f"advantage_estimator must be one of {', '.join(estimators)}, "
                              f"got {self.advantage_estimator!r}")
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"rollout.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.kl_in_reward_coef >= 0.0:
-            raise ValueError(f"rollout.kl_in_reward_coef must be >= 0, got {self.kl_in_reward_coef}")
+            raise ValueError(f"kl_in_reward_coef must be >= 0, got {self.kl_in_reward_coef}")
         if self.kl_in_reward_coef > 0 and self.advantage_estimator not in KL_IN_REWARD_ESTIMATORS:
-            raise ValueError(f"rollout.kl_in_reward_coef applies to the estimators with per-token rewards "
+            raise ValueError(f"kl_in_reward_coef applies to the estimators with per-token rewards "
                              f"({', '.join(KL_IN_REWARD_ESTIMATORS)}), not advantage_estimator="
                              f"{self.advantage_estimator!r}")
         if not isinstance(self.pass_k, int) or self.pass_k < 2:
-            raise ValueError(f"rollout.pass_k must be an integer >= 2, got {self.pass_k!r}")
+            raise ValueError(f"pass_k must be an integer >= 2, got {self.pass_k!r}")
 
     def check_job(self, *, algorithm: str, value_head: bool, reference: str) -> None:
         """Cross-field checks of the advantage settings against the rest of the job (ValueError

@@ -58,16 +58,16 @@ class TrainConfig:
     and step start fresh; ignored when the run's own output directory has a checkpoint."""
 
     def __post_init__(self) -> None:
-        require_positive_ints(self, "train", ("steps", "global_batch_size", "micro_batch_size", "log_interval",
+        require_positive_ints(self, ("steps", "global_batch_size", "micro_batch_size", "log_interval",
                                               "max_consecutive_bad_steps", "keep_checkpoints"))
         for name in ("save_interval", "stop_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.global_batch_size % self.micro_batch_size != 0:
             raise ValueError(
-                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.micro_batch_size}"
+                f"global_batch_size={self.global_batch_size} is not a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
             )
 
     def num_microbatches(self, dp: int) -> int:
@@ -98,7 +98,7 @@ class ReferenceConfig:
 
     def __post_init__(self) -> None:
         if self.source == "checkpoint" and not self.checkpoint:
-            raise ValueError("reference.source=checkpoint needs reference.checkpoint")
+            raise ValueError("source=checkpoint needs checkpoint: the directory of the reference weights")
 
 
 @dataclass
@@ -132,4 +132,4 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in ("offline", "online"):
-            raise ValueError(f"log.wandb_mode must be offline or online, got {self.wandb_mode!r}")
+            raise ValueError(f"wandb_mode must be offline or online, got {self.wandb_mode!r}")

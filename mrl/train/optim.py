@@ -61,21 +61,21 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.clip_grad < 0:
-            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.name == "sgd" and self.distributed:
             raise ValueError(
-                "optim.name=sgd needs optim.distributed=false: Megatron-Core's distributed optimizer "
+                "name=sgd needs distributed=false: Megatron-Core's distributed optimizer "
                 "supports Adam only (its checkpoint format depends on it)"
             )
         if self.overlap_param_gather and not self.distributed:
-            raise ValueError("optim.overlap_param_gather needs optim.distributed=true")
+            raise ValueError("overlap_param_gather needs distributed=true")
 
 
 def _finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):

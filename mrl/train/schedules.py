@@ -72,13 +72,13 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("warmup_steps", "wsd_decay_steps", "wd_incr_steps"):
             if getattr(self, name) < 0:
-                raise ValueError(f"scheduler.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.decay_steps is not None and self.decay_steps < 1:
-            raise ValueError(f"scheduler.decay_steps must be >= 1 or null, got {self.decay_steps}")
+            raise ValueError(f"decay_steps must be >= 1 or null, got {self.decay_steps}")
         if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"scheduler.gamma must be in (0, 1], got {self.gamma}")
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.min_lr < 0 or self.warmup_init_lr < 0:
-            raise ValueError("scheduler.min_lr and scheduler.warmup_init_lr must be >= 0")
+            raise ValueError("min_lr and warmup_init_lr must be >= 0")
 
 
 def learning_rate(cfg: SchedulerConfig, peak: float, step: int, total_steps: int) -> float:
