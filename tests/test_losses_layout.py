@@ -20,6 +20,20 @@ CONFIGS: dict[str, dict] = {
     "grpo-seq-mean": dict(kind="grpo", agg="seq-mean-token-mean", dual_clip=3.0, kl_coef=0.1, kl_estimator="k2"),
     "grpo-drgrpo-gspo": dict(kind="grpo", agg="seq-mean-token-sum-norm", norm_length=10, ratio_level="sequence",
                              clip_low=0.05, clip_high=0.05, is_correction="mask", is_low=0.5, is_high=1.5),
+    # Policy objectives (loss.policy_loss) and KL estimators; the step statistics of clip-cov / kl-cov / gpg.
+    "grpo-cispo-kl-abs": dict(kind="grpo", policy_loss="cispo", clip_high=0.3, kl_coef=0.1, kl_estimator="abs",
+                              is_correction="truncate", is_level="sequence", is_high=3.0),
+    "grpo-reinforce-k1plus": dict(kind="grpo", policy_loss="reinforce", agg="seq-mean-token-sum", kl_coef=0.1,
+                                  kl_estimator="k1+"),
+    "grpo-gpg-k3plus": dict(kind="grpo", policy_loss="gpg", agg="seq-mean-token-mean", kl_coef=0.1,
+                            kl_estimator="k3+", kl_output_clamp=5.0),
+    "grpo-sapo": dict(kind="grpo", policy_loss="sapo", sapo_tau_pos=0.8, sapo_tau_neg=1.3, entropy_coef=0.01),
+    "grpo-gmpo": dict(kind="grpo", policy_loss="gmpo", clip_low=0.3, clip_high=0.4, is_correction="mask",
+                      is_level="geometric", is_low=0.5, is_high=1.5),
+    "grpo-clip-cov": dict(kind="grpo", policy_loss="clip-cov", clip_cov_ratio=0.2, clip_cov_lb=0.2, clip_cov_ub=8.0,
+                          dual_clip=3.0, cov_seed=3),
+    "grpo-kl-cov": dict(kind="grpo", policy_loss="kl-cov", kl_cov_ratio=0.1, kl_cov_coef=0.5,
+                        agg="seq-mean-token-sum-norm", norm_length=10),
     "ppo-full-kl": dict(kind="ppo", agg="seq-mean-token-sum", kl_coef=0.2, kl_estimator="full", value_coef=0.5,
                         value_clip=0.2, entropy_coef=0.02, temperature=0.8),
     "dpo": dict(kind="dpo", beta=0.2, label_smoothing=0.1, sft_coef=0.2),
@@ -75,6 +89,8 @@ def global_problem(name: str, seed: int):
 
         top = vocab_parallel_topk(batch["ref_logits"], TOPK, None, temperature=1.2, vocab_size=VOCAB)
         batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = top.indices, top.logprobs
+    if "gpg" in name:  # a zero-advantage row: GPG's α = B/(B − 1)
+        batch["advantages"][2] = 0.0
     values = torch.randn(B, S, generator=g)
     return logits, values, batch
 
@@ -102,6 +118,8 @@ def run_layout(names, seed: int, micro: int, tp_group=None, dp_group=None, tp: i
 
             for c, mb in zip(chunks, micro_batches):
                 mb["old_logprobs"] = vocab_parallel_logprobs(local_logits[c], mb["labels"], tp_group, vocab_size=VOCAB)
+            loss_fn.prepare_step(micro_batches, dp_group, tp_group)
+        if CONFIGS[name].get("policy_loss") in ("clip-cov", "kl-cov", "gpg"):  # as the trainer: step statistics
             loss_fn.prepare_step(micro_batches, dp_group, tp_group)
         counts = compute_global_counts(micro_batches, dp_group, paired=loss_fn.normalizer == "pairs")
         acc = MetricsAccumulator()
