@@ -74,7 +74,7 @@ class JobConfig:
     """Outputs and logging."""
 
     def __post_init__(self) -> None:
-        require_optional_positive_ints(self, "", ("nproc",))
+        require_optional_positive_ints(self, ("nproc",))
 
     def validate(self, world_size: int | None = None) -> None:
         """Cross-field checks; raises ``ValueError`` naming the fields. Runs before any group exists."""
