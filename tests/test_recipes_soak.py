@@ -37,6 +37,8 @@ def _mean(values) -> float:
 @pytest.mark.parametrize("recipe,metric,direction", [
     ("configs/sft-tiny-cpu.yaml", "loss", -1),
     ("configs/dpo-tiny-cpu.yaml", "loss", -1),
+    # A mix of preference losses (sigmoid + BCO-pair + SFT): its preference margin grows.
+    ("configs/dpo-mpo-tiny-cpu.yaml", "reward_margin", +1),
     # Offline GRPO's loss at ratio 1 is -mean(advantage): a property of the data, not of learning.
     # What moves is the policy: its entropy falls as it concentrates on the rewarded responses.
     ("configs/offline-grpo-tiny-cpu.yaml", "entropy", -1),

@@ -158,6 +158,10 @@ class BatchNeeds:
     reference_logits: bool = False
     """``ref_logits``: the reference's vocab-sharded logits beside them (exact KL, distillation)."""
 
+    reference_topk: int | None = None
+    """k: the reference's k most likely tokens per position beside them, ``teacher_topk_ids`` and
+    ``teacher_topk_logprobs`` ``[B, S, k]`` (top-k distillation; its logits are not kept)."""
+
     old_logprobs: bool = False
     """``old_logprobs``: the policy's log-probs before the step's update (PPO ratio, step
     statistics), unless the batches already carry them."""
@@ -254,6 +258,14 @@ class Loss(abc.ABC):
         """Called once per step on the step's micro-batches after the trainer added what
         ``batch_needs`` asks for, before the first forward: a loss that reads statistics of the
         whole step writes them into the batches here. Nothing by default."""
+
+    def state_dict(self) -> dict:
+        """State the loss carries from step to step (e.g. a running mean), saved in checkpoints as
+        the last pipeline stage holds it (where the loss runs); empty by default."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore ``state_dict`` from a checkpoint. Nothing by default."""
 
     def __call__(
         self, output, batch: Mapping[str, torch.Tensor], counts: GlobalCounts, group=None

@@ -92,7 +92,7 @@ class DistillLoss(Loss):
         """The teacher (reference) pass, with its logits unless the batches carry its top-k."""
         cfg = self.config
         return BatchNeeds(keys=self.required_keys, temperature=cfg.temperature, reference_logprobs=True,
-                          reference_logits=cfg.teacher_topk is None)
+                          reference_logits=cfg.teacher_topk is None, reference_topk=cfg.teacher_topk)
 
     def check_inputs(self, batch, logits, values, counts: GlobalCounts) -> dict[str, torch.Tensor]:
         """The teacher's logits sharded like the policy's, or its top-k ids (integer) and log-probs."""

@@ -195,14 +195,17 @@ class Trainer:
 
     def annotate(self, micro_batches: list[dict]) -> None:
         """Forward-only passes for the log-probs ``batch_needs`` asks for: the reference model's
-        (``ref_logprobs``, with ``ref_logits`` when kept) and the policy's before the update
+        (``ref_logprobs``, with ``ref_logits`` when kept, or its top-k ``teacher_topk_ids`` /
+        ``teacher_topk_logprobs``) and the policy's before the update
         (``old_logprobs``, with the value head's ``old_values``), unless the batches carry them."""
         cfg, needs = self.cfg, self.batch_needs()
         common = dict(vocab_size=cfg.model.vocab_size, temperature=needs.temperature, chunk_size=cfg.loss.chunk_size)
         if self.reference is not None and needs.reference_logprobs:
             keep_logits = needs.reference_logits or cfg.reference.keep_logits
+            keep_topk = None if needs.reference_topk is None else (
+                "teacher_topk_ids", "teacher_topk_logprobs", needs.reference_topk)
             annotate_logprobs(self.reference, micro_batches, self.layout, key="ref_logprobs",
-                              keep_logits_key="ref_logits" if keep_logits else None, **common)
+                              keep_logits_key="ref_logits" if keep_logits else None, keep_topk=keep_topk, **common)
         if needs.old_logprobs and "old_logprobs" not in micro_batches[0]:
             annotate_logprobs(self.model, micro_batches, self.layout, key="old_logprobs",
                               values_key="old_values" if cfg.model.value_head else None, **common)
@@ -265,9 +268,22 @@ class Trainer:
         return {}
 
     def trainer_state(self) -> dict:
-        return {"data": self.data.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "skipped_total": self.train_step.skipped_total, "seed": self.cfg.seed,
-                "optimizer": self._optimizer_signature()}
+        state = {"data": self.data.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "skipped_total": self.train_step.skipped_total, "seed": self.cfg.seed,
+                 "optimizer": self._optimizer_signature()}
+        loss_state = self._loss_state()
+        if loss_state:
+            state["loss"] = loss_state
+        return state
+
+    def _loss_state(self) -> dict:
+        """The loss's ``state_dict`` as the last rank holds it (the last pipeline stage, where the
+        loss runs; rank 0 writes the checkpoint's trainer state). Every rank must call it."""
+        if not self.loss_fn.state_dict():
+            return {}
+        box = [self.loss_fn.state_dict()]
+        dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
+        return box[0]
 
     def _optimizer_signature(self) -> dict:
         """What the optimizer state's format depends on; a resume must match it."""
@@ -278,6 +294,8 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_step.skipped_total = state["skipped_total"]
+        if "loss" in state:
+            self.loss_fn.load_state_dict(state["loss"])
 
     def save(self) -> Path:
         path = save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, self.layout,
