@@ -45,6 +45,8 @@ def _mean(values) -> float:
     ("configs/grpo-tiny-cpu.yaml", "reward_mean", +1),
     # REINFORCE++ with KL in the reward: reward_mean 0.242 (first 5 steps) -> 0.345 (last 5), 6:20 on 4 CPU ranks.
     ("configs/grpo-tiny-reinforcepp-cpu.yaml", "reward_mean", +1),
+    # CISPO: reward_mean 0.241 (first 5 steps) -> 0.332 (last 5), 7:52 of training on 2 shared CPU cores.
+    ("configs/grpo-tiny-cispo-cpu.yaml", "reward_mean", +1),
 ])
 def test_recipe_trains_learns_and_resumes(tmp_path, recipe, metric, direction):
     first = _train(recipe, tmp_path)
