@@ -3,7 +3,8 @@
 A tiny random checkpoint is written in the Hugging Face layout (config.json + safetensors), and
 the logits of the loaded model are checked against a float64 forward written here from the Llama
 formulas (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU), at TP 1/2, PP 2 and
-interleaved PP.
+interleaved PP. The Qwen3 checkpoint's heads are wider than hidden_size / num_attention_heads
+(``model.head_dim``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ VARIANTS = {
     "llama31": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    # Qwen3: RMSNorm on each query and key head.
-    "qwen3": dict(model_type="qwen3", num_key_value_heads=4, tie_word_embeddings=False, head_dim=16),
+    # Qwen3: RMSNorm on each query and key head, heads wider than hidden_size / heads (32 ≠ 64 / 4),
+    # as Qwen3's head_dim 128 is at every size.
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=4, tie_word_embeddings=False, head_dim=32),
 }
 
 
@@ -50,7 +52,7 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     nh, ng = config["num_attention_heads"], config["num_key_value_heads"]
-    d = h // nh
+    d = config.get("head_dim") or h // nh
 
     def rand(*shape, std=0.1):
         return torch.randn(*shape, generator=g) * std
@@ -137,7 +139,7 @@ def reference_logits(config: dict, weights: dict, tokens: torch.Tensor) -> torch
     """Llama-family forward in float64, from the formulas: [B, S] -> [B, S, V]."""
     w = {k: t.double() for k, t in weights.items()}
     nh, ng, eps = config["num_attention_heads"], config["num_key_value_heads"], config["rms_norm_eps"]
-    d = config["hidden_size"] // nh
+    d = config.get("head_dim") or config["hidden_size"] // nh
     b, s = tokens.shape
     causal = torch.full((s, s), -math.inf, dtype=torch.float64).triu(1)
     x = w["model.embed_tokens.weight"][tokens]  # [B, S, h]
@@ -319,6 +321,34 @@ def test_model_mismatch_lists_every_differing_field(checkpoints):
         (directory / "config.json").write_text(json.dumps(hf_config("llama")))
 
 
+def test_head_dim_is_read_written_and_validated(checkpoints):
+    from mrl.config import load_config
+    from mrl.job import JobConfig
+    from mrl.model.hf import hf_config as export_config
+
+    directory, _ = checkpoints["qwen3"]
+    fields = model_fields_from_hf(read_hf_config(directory)) | {"max_sequence_length": S}
+    assert fields["head_dim"] == 32
+    model = ModelConfig(**fields)
+    assert model.kv_channels == 32 and export_config(model)["head_dim"] == 32
+    # A head_dim equal to hidden_size / heads is the default width: left out, and exported as such.
+    assert model_fields_from_hf(hf_config("qwen3") | {"head_dim": 16})["head_dim"] is None
+    assert model_fields_from_hf(hf_config("llama"))["head_dim"] is None
+    assert export_config(ModelConfig(**model_fields_from_hf(hf_config("llama"))))["head_dim"] == 16
+    check_model_matches_hf(ModelConfig(**fields | {"head_dim": 32}), directory)
+    with pytest.raises(ValueError, match=r"model.head_dim=None \(checkpoint: 32\)"):
+        check_model_matches_hf(ModelConfig(**fields | {"head_dim": None}), directory)
+    # Heads need not divide the hidden size once their width is given.
+    assert ModelConfig(hidden_size=60, num_attention_heads=8, head_dim=16).kv_channels == 16
+    with pytest.raises(ValueError, match=r"hidden_size=60 is not divisible by num_attention_heads=8; set head_dim"):
+        ModelConfig(hidden_size=60, num_attention_heads=8)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match=r"head_dim must be a positive integer or null"):
+            ModelConfig(head_dim=bad)
+    with pytest.raises(ValueError, match=r"model\.head_dim must be a positive integer or null, got 0"):
+        load_config(REPO / "configs" / "sft-tiny-cpu.yaml", JobConfig, ["model.head_dim=0"])
+
+
 def test_unsupported_or_broken_checkpoints_are_named(checkpoints, tmp_path):
     from mrl.model.hf import SafetensorsReader
 
@@ -435,6 +465,7 @@ def test_export_round_trips_the_checkpoint_exactly(ranks4, checkpoints, tmp_path
     assert model_fields_from_hf(read_hf_config(out)) == fields
     exported = read_hf_config(out)
     assert (exported["bos_token_id"], exported["eos_token_id"]) == (256, 257)  # kept from the starting model
+    assert exported["head_dim"] == hf_config(variant).get("head_dim", 16)
     assert (out / "generation_config.json").read_text() == (directory / "generation_config.json").read_text()
     from mrl.model.hf import SafetensorsReader
 

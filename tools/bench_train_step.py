@@ -125,7 +125,7 @@ def run_benchmark(cfg: BenchConfig, layout) -> dict:
     from mrl.losses.metrics import MetricsAccumulator
     from mrl.model.builder import build_model
     from mrl.model.config import ModelConfig, PrecisionConfig
-    from mrl.train.flops import count_parameters, peak_flops_per_gpu, training_flops
+    from mrl.train.flops import attention_width, count_parameters, peak_flops_per_gpu, training_flops
     from mrl.train.optim import OptimConfig, build_optimizer, wrap_ddp
     from mrl.train.schedules import Scheduler, SchedulerConfig
     from mrl.train.step import TrainStep
@@ -160,7 +160,7 @@ def run_benchmark(cfg: BenchConfig, layout) -> dict:
             raise RuntimeError(f"step {index} was skipped: {result.skip_reason} (loss {result.loss})")
     seconds = statistics.median(times)
     tokens = cfg.seq_length * cfg.micro_batch_size * cfg.micro_batches
-    flops = training_flops(num_params, model.num_layers, model.hidden_size, cfg.seq_length, tokens)
+    flops = training_flops(num_params, model.num_layers, attention_width(model), cfg.seq_length, tokens)
     peak = peak_flops_per_gpu() if cfg.device == "cuda" else None
     gemm = measure_gemm_flops(cfg.device, cfg.dtype)
     return {

@@ -77,6 +77,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
         ffn_hidden_size=model.ffn_size,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,

@@ -24,6 +24,11 @@ class ModelConfig:
     num_query_groups: Optional[int] = None
     """Key/value heads (grouped-query attention); None means one per query head (MHA)."""
 
+    head_dim: Optional[int] = None
+    """Per-head width of queries, keys and values (Megatron's kv_channels); None means
+    hidden_size / num_attention_heads. Qwen3 sets it apart from that (e.g. 128 with hidden_size
+    2048 and 32 heads): attention then projects hidden_size to heads·head_dim and back."""
+
     ffn_hidden_size: Optional[int] = None
     """Inner MLP width; None means 4·hidden_size."""
 
@@ -168,10 +173,11 @@ class ModelConfig:
         require_positive_ints(self, ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                                               "max_sequence_length", "make_vocab_size_divisible_by",
                                               "recompute_num_layers"))
-        if self.hidden_size % self.num_attention_heads != 0:
+        require_optional_positive_ints(self, ("head_dim",))
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
+                f"num_attention_heads={self.num_attention_heads}; set head_dim for heads of another width"
             )
         if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
             raise ValueError(
@@ -192,6 +198,11 @@ class ModelConfig:
         """Megatron's padded vocabulary: the next multiple of make_vocab_size_divisible_by·tp."""
         multiple = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def kv_channels(self) -> int:
+        """Width of each attention head: head_dim, or hidden_size / num_attention_heads."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:

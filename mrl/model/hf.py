@@ -17,7 +17,9 @@ named by ``model.safetensors.index.json``). The mapping, per layer ``i`` (HF nam
 and ``model.embed_tokens.weight`` -> ``embedding.word_embeddings.weight``, ``model.norm.weight`` ->
 ``decoder.final_layernorm.weight``, ``lm_head.weight`` (the embedding when tied) ->
 ``output_layer.weight``; vocabulary rows beyond the true vocabulary (Megatron's padding) are zero.
-Both RoPE conventions agree (rotate-half, not interleaved). Each rank finds the slices it holds in
+Heads are ``model.kv_channels`` wide: Qwen3's ``head_dim`` (128 at every size) need not be
+hidden_size / num_attention_heads, and becomes ``model.head_dim`` when it is not (export writes it
+back). Both RoPE conventions agree (rotate-half, not interleaved). Each rank finds the slices it holds in
 Megatron's sharded state dict (global layer numbers and offsets) and reads just the tensors those
 slices need from the memory-mapped files, so every TP/PP/VPP layout loads the same model. A value
 head has no Hugging Face counterpart and keeps its initialisation.
@@ -98,12 +100,9 @@ def _llama3_scaling_factor(scaling: dict[str, Any]) -> float | None:
 def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
     """The ``model:`` settings that reproduce a Hugging Face architecture (``read_hf_config``'s output)."""
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    if head_dim * heads != config["hidden_size"]:
-        raise HFCheckpointError(
-            f"head_dim={head_dim} × num_attention_heads={heads} != hidden_size={config['hidden_size']}: "
-            "mrl models use head_dim = hidden_size / num_attention_heads"
-        )
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim * heads == config["hidden_size"]:
+        head_dim = None  # the default width: the model block leaves it out
     qkv_bias = config["model_type"] == "qwen2" or bool(config.get("attention_bias", False))
     moe = hf_moe.moe_fields_from_hf(config) if config["model_type"] in hf_moe.MOE_MODEL_TYPES else {}
     return {
@@ -111,6 +110,7 @@ def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
         "hidden_size": config["hidden_size"],
         "num_attention_heads": heads,
         "num_query_groups": config.get("num_key_value_heads") or heads,
+        "head_dim": head_dim,
         "ffn_hidden_size": config["intermediate_size"],
         "vocab_size": config["vocab_size"],
         "position_embedding": "rope",
@@ -149,6 +149,8 @@ def check_model_matches_hf(model: ModelConfig, path: str | Path) -> None:
 def _effective(model: ModelConfig, name: str) -> Any:
     if name == "num_query_groups":
         return model.num_query_groups or model.num_attention_heads
+    if name == "head_dim":  # null and hidden_size / heads are the same width
+        return None if model.kv_channels * model.num_attention_heads == model.hidden_size else model.kv_channels
     if name == "ffn_hidden_size":
         return model.ffn_size
     if name == "moe_ffn_hidden_size":
@@ -294,7 +296,7 @@ def hf_config(model: ModelConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
         "num_hidden_layers": model.num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": model.num_query_groups or heads,
-        "head_dim": model.hidden_size // heads,
+        "head_dim": model.kv_channels,
         "vocab_size": model.vocab_size,
         "max_position_embeddings": model.max_sequence_length,
         "rope_theta": float(model.rotary_base),
@@ -355,7 +357,7 @@ def _hf_tensors(key: str, layer: int | None, tensor: torch.Tensor, model: ModelC
 def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of ``_interleave_qkv``."""
     groups = model.num_query_groups or model.num_attention_heads
-    head_dim = model.hidden_size // model.num_attention_heads
+    head_dim = model.kv_channels
     tail = qkv.shape[1:]
     per_group = qkv.reshape(groups, -1, *tail)  # [g, (q_per_group + 2)·d, ...]
     q, k, v = per_group.split([per_group.shape[1] - 2 * head_dim, head_dim, head_dim], dim=1)
@@ -365,7 +367,7 @@ def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, tor
 def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig) -> torch.Tensor:
     """Megatron's fused QKV rows: for each query group, its query heads, then its key, then its value."""
     groups = model.num_query_groups or model.num_attention_heads
-    head_dim = model.hidden_size // model.num_attention_heads
+    head_dim = model.kv_channels
     tail = q.shape[1:]  # (h,) for weights, () for biases
     q = q.reshape(groups, -1, *tail)  # [g, q_per_group·d, ...]
     k = k.reshape(groups, head_dim, *tail)  # [g, d, ...]

@@ -263,6 +263,6 @@ class RolloutConfig:
 def kv_cache_bytes_per_row(model, parallel, seq_length: int, dtype: str) -> int:
     """Bytes of one row's KV cache on one rank: 2 · layers/pp · kv_heads/tp · head_dim · S · bytes."""
     kv_heads = model.num_query_groups or model.num_attention_heads
-    head_dim = model.hidden_size // model.num_attention_heads
+    head_dim = model.kv_channels
     element = 4 if dtype == "fp32" else 2
     return 2 * (model.num_layers // parallel.pp) * max(kv_heads // parallel.tp, 1) * head_dim * seq_length * element

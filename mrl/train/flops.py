@@ -2,8 +2,9 @@
 
 Training FLOPs per processed token of a dense decoder (forward + backward = 3 × forward):
     6·N  (every parameter is used in one multiply-add forward, two backward)
-  + 12·L·S·h  (attention scores and their weighted sum: 2 matmuls of S·h per layer, ×2 FLOPs, ×3)
-with N the parameter count, L layers, S the sequence length, h the hidden size. MFU divides the
+  + 12·L·S·a  (attention scores and their weighted sum: 2 matmuls of S·a per layer, ×2 FLOPs, ×3)
+with N the parameter count, L layers, S the sequence length, a = heads·head_dim the attention
+width (the hidden size unless model.head_dim sets the heads apart, as Qwen3 does). MFU divides the
 step's FLOPs by the wall time and by the peak dense BF16 rate of every GPU in the job.
 """
 
@@ -42,6 +43,12 @@ def count_parameters(chunks: list, layout) -> int:
     return int(total.item())
 
 
-def training_flops(num_params: int, num_layers: int, hidden: int, seq_length: int, tokens: int) -> float:
-    """FLOPs of one optimizer step over ``tokens`` processed tokens (module docstring)."""
-    return tokens * (6.0 * num_params + 12.0 * num_layers * seq_length * hidden)
+def attention_width(model) -> int:
+    """heads·head_dim of a ``ModelConfig``: the width the attention scores and values are computed in."""
+    return model.num_attention_heads * model.kv_channels
+
+
+def training_flops(num_params: int, num_layers: int, attention: int, seq_length: int, tokens: int) -> float:
+    """FLOPs of one optimizer step over ``tokens`` processed tokens; ``attention`` is heads·head_dim
+    (``attention_width``; the module docstring has the formula)."""
+    return tokens * (6.0 * num_params + 12.0 * num_layers * seq_length * attention)

@@ -38,7 +38,7 @@ from mrl.train.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from mrl.train.flops import count_parameters, peak_flops_per_gpu, training_flops
+from mrl.train.flops import attention_width, count_parameters, peak_flops_per_gpu, training_flops
 from mrl.train.forward import annotate_logprobs
 from mrl.train.loggers import flat_config
 from mrl.train.metrics_log import MetricsLog
@@ -253,7 +253,8 @@ class Trainer:
         if self.peak_flops:
             rows = sum(batch["tokens"].shape[0] for batch in micro_batches) * self.layout.dp
             seq = micro_batches[0]["tokens"].shape[1]
-            flops = training_flops(self.num_params, self.cfg.model.num_layers, self.cfg.model.hidden_size, seq, rows * seq)
+            flops = training_flops(self.num_params, self.cfg.model.num_layers, attention_width(self.cfg.model), seq,
+                                   rows * seq)
             record["mfu"] = flops / (seconds * self.layout.world_size * self.peak_flops)
         record.update({k: v for k, v in result.metrics.items() if k != "loss"})
         record.update(extra)
