@@ -72,9 +72,11 @@ def test_global_counts_single_rank():
     assert mask.tolist() == [[False, True, True, True], [False, False, False, False],
                              [False, False, False, False], [True, False, False, True]]
     counts = compute_global_counts([batch, {"labels": labels}], paired=True)
-    # second micro-batch: no loss_mask, so every non-ignored label counts
-    assert counts == GlobalCounts(num_tokens=5 + 13, num_seqs=2 + 4, num_pairs=0 + 2)
+    # second micro-batch: no loss_mask, so every non-ignored label counts; its chosen rows 0 and 2
+    # hold 3 + 4 valid tokens (the first micro-batch has no valid pair)
+    assert counts == GlobalCounts(num_tokens=5 + 13, num_seqs=2 + 4, num_pairs=0 + 2, num_chosen_tokens=0 + 7)
     assert compute_global_counts([batch]).num_pairs is None
+    assert compute_global_counts([batch]).num_chosen_tokens is None
     with pytest.raises(ValueError, match="even number of rows"):
         compute_global_counts([{"labels": labels[:3]}], paired=True)
     with pytest.raises(ValueError, match="loss_mask"):
