@@ -27,7 +27,7 @@ SCHEMA = "mrl.job:JobConfig"
 
 # Parents that hold shared settings only, and the one error they give as a job of their own: the
 # dataclass defaults of model and data disagree (model.vocab_size=256 < the byte tokenizer's 259).
-# <algorithm>-<model>-<nodes>n<gpus per node>g-<layout>.yaml, layout e.g. "tp4pp2-fp8".
+# <algorithm>-<model>-<nodes>n<gpus per node>g-<layout>.yaml, layout e.g. "tp4pp2-fp8" or "tp2ep8".
 GPU_NAME = re.compile(
     rf"(?P<algo>{'|'.join(map(re.escape, ALGORITHMS))})-(?P<model>.+)-(?P<nodes>\d+)n(?P<gpus>\d+)g"
     r"-(?P<layout>[a-z0-9-]+)\.yaml"
@@ -80,6 +80,7 @@ def test_megatron_accepts_the_model_settings(path, monkeypatch):
     assert (config.num_layers, config.hidden_size, config.ffn_hidden_size) == (
         cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_size)
     assert config.tensor_model_parallel_size == cfg.parallel.tp
+    assert config.kv_channels == cfg.model.kv_channels
     assert config.sequence_parallel == cfg.parallel.sequence_parallel
     assert config.fp8 == cfg.precision.fp8
 
@@ -102,6 +103,7 @@ def test_gpu_recipes_are_found():
         "dpo-llama3-8b-1n8g-tp2.yaml",
         "sft-qwen2.5-7b-1n8g-tp4.yaml",
         "offline-rl-qwen2.5-7b-1n8g-tp2pp2.yaml",
+        "grpo-qwen3-30b-a3b-2n8g-tp2ep8.yaml",
     }
 
 
@@ -109,7 +111,7 @@ def test_gpu_recipes_are_found():
 def test_gpu_recipe_name_matches_its_settings(path):
     name = GPU_NAME.fullmatch(path.name)
     degrees_token, *flags = name["layout"].split("-")
-    degrees = dict(re.findall(r"(tp|pp|cp|vpp)(\d+)", degrees_token))
+    degrees = dict(re.findall(r"(tp|pp|cp|vpp|ep)(\d+)", degrees_token))
     assert "".join(k + v for k, v in degrees.items()) == degrees_token, f"unreadable layout {degrees_token!r}"
     assert set(flags) <= {"fp8", "vllm"}, f"unknown layout flags {flags}"
 
@@ -121,6 +123,7 @@ def test_gpu_recipe_name_matches_its_settings(path):
     p = cfg.parallel
     assert (p.tp, p.pp, p.cp) == tuple(int(degrees.get(k, 1)) for k in ("tp", "pp", "cp"))
     assert p.vpp == (int(degrees["vpp"]) if "vpp" in degrees else None)
+    assert p.ep == int(degrees.get("ep", 1))
     assert (cfg.precision.fp8 is not None) == ("fp8" in flags)
     assert (cfg.rollout.engine == "vllm") == ("vllm" in flags)
     assert cfg.precision.dtype == "bf16"
@@ -140,21 +143,24 @@ def _ancestors(path: Path) -> set[str]:
 
 
 def _parameters(cfg: JobConfig) -> int:
-    """Weights of the recipe's decoder (RMSNorm, SwiGLU, GQA), counted from the formula."""
+    """Weights of the recipe's decoder (RMSNorm, SwiGLU, GQA with heads of head_dim, optional qk-norm,
+    dense or MoE MLPs with a router), counted from the formula."""
     m = cfg.model
-    h, heads, ffn = m.hidden_size, m.num_attention_heads, m.ffn_size
-    kv = (m.num_query_groups or heads) * (h // heads)
-    attention = h * (h + 2 * kv) + h * h
+    h, heads, ffn, d = m.hidden_size, m.num_attention_heads, m.ffn_size, m.kv_channels
+    q, kv = heads * d, (m.num_query_groups or heads) * d
+    attention = h * (q + 2 * kv) + q * h + (2 * d if m.qk_layernorm else 0)
     mlp = h * 2 * ffn + ffn * h
-    biases = (h + 2 * kv) + h + 2 * ffn + h if m.add_bias_linear else (h + 2 * kv) if m.add_qkv_bias else 0
-    layer = attention + mlp + biases + 2 * h
+    moe = m.num_experts * h + m.num_experts * 3 * h * m.moe_ffn_size if m.is_moe else 0
+    biases = (q + 2 * kv) + h + 2 * ffn + h if m.add_bias_linear else (q + 2 * kv) if m.add_qkv_bias else 0
+    layers = sum(attention + (moe if is_moe else mlp) + biases + 2 * h for is_moe in m.moe_layer_pattern())
     embeddings = m.vocab_size * h * (1 if m.tie_embeddings else 2)
-    return m.num_layers * layer + embeddings + h
+    return layers + embeddings + h
 
 
 @pytest.mark.parametrize("fragment, published", [
     ("models/llama3-8b.yaml", 8_030_261_248),
     ("models/qwen2.5-7b.yaml", 7_615_616_512),
+    ("models/qwen3-30b-a3b.yaml", 30_532_122_624),
 ])
 def test_model_shapes_match_published_parameter_counts(fragment, published):
     cfg = load_config(CONFIGS / fragment, JobConfig)

@@ -26,8 +26,9 @@ BASE = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "nu
         "vocab_size": 300, "rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 64,
         "rope_theta": 10000.0, "bos_token_id": 256, "eos_token_id": 257, "tie_word_embeddings": False}
 VARIANTS = {
-    # Qwen3-MoE: qk-norm, renormalised top-k, one dense layer (mlp_only_layers).
-    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=16, intermediate_size=96, moe_intermediate_size=48,
+    # Qwen3-MoE: qk-norm, renormalised top-k, one dense layer (mlp_only_layers), heads wider than
+    # hidden_size / heads (Qwen3-30B-A3B: 128 with 2048 / 32).
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, intermediate_size=96, moe_intermediate_size=48,
                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
                       mlp_only_layers=[1]),
     # Qwen3-MoE without renormalisation (Megatron's pre-softmax routing).
@@ -58,7 +59,7 @@ def _names(config: dict) -> tuple[str, str, str]:
 def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     h, v, nh, ng = config["hidden_size"], config["vocab_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    d, experts = h // nh, config.get("num_experts", config.get("num_local_experts"))
+    d, experts = config.get("head_dim") or h // nh, config.get("num_experts", config.get("num_local_experts"))
     moe_f = config.get("moe_intermediate_size", config["intermediate_size"])
 
     def rand(*shape, std=0.1):
@@ -123,7 +124,7 @@ def reference_logits(config: dict, weights: dict, tokens: torch.Tensor) -> torch
     """Float64 forward from the formulas: [B, S] -> [B, S, V]."""
     w = {name: t.double() for name, t in weights.items()}
     nh, ng, eps = config["num_attention_heads"], config["num_key_value_heads"], config["rms_norm_eps"]
-    d = config["hidden_size"] // nh
+    d = config.get("head_dim") or config["hidden_size"] // nh
     b, s = tokens.shape
     causal = torch.full((s, s), -math.inf, dtype=torch.float64).triu(1)
     x = w["model.embed_tokens.weight"][tokens]
@@ -161,7 +162,9 @@ def test_model_fields_follow_the_architecture(checkpoints):
     fields = model_fields_from_hf(read_hf_config(checkpoints["qwen3_moe"][0]))
     assert (fields["num_experts"], fields["moe_topk"], fields["moe_ffn_hidden_size"]) == (4, 2, 48)
     assert fields["moe_layer_freq"] == [1, 0, 1, 1] and fields["qk_layernorm"] and not fields["moe_router_pre_softmax"]
-    assert model_fields_from_hf(read_hf_config(checkpoints["qwen3_moe_raw"][0]))["moe_router_pre_softmax"]
+    assert fields["head_dim"] == 32  # wider than hidden_size / heads = 16
+    raw = model_fields_from_hf(read_hf_config(checkpoints["qwen3_moe_raw"][0]))
+    assert raw["moe_router_pre_softmax"] and raw["head_dim"] is None
     mixtral = model_fields_from_hf(read_hf_config(checkpoints["mixtral"][0]))
     assert (mixtral["moe_layer_freq"], mixtral["moe_ffn_hidden_size"], mixtral["qk_layernorm"]) == (1, 48, False)
 
