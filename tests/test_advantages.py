@@ -136,15 +136,15 @@ def test_registry_and_config_name_the_same_estimators():
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"advantage_estimator": "nope"}, "rollout.advantage_estimator"),
-    ({"gamma": 1.5}, "rollout.gamma"),
-    ({"lam": -0.1}, "rollout.lam"),
-    ({"kl_in_reward_coef": -1.0}, "rollout.kl_in_reward_coef"),
-    ({"kl_in_reward_coef": 0.1, "advantage_estimator": "opo"}, "rollout.kl_in_reward_coef"),
-    ({"pass_k": 1}, "rollout.pass_k"),
+    ({"advantage_estimator": "nope"}, "advantage_estimator"),
+    ({"gamma": 1.5}, "gamma"),
+    ({"lam": -0.1}, "lam"),
+    ({"kl_in_reward_coef": -1.0}, "kl_in_reward_coef"),
+    ({"kl_in_reward_coef": 0.1, "advantage_estimator": "opo"}, "kl_in_reward_coef"),
+    ({"pass_k": 1}, "pass_k"),
 ])
 def test_config_errors_name_the_field(fields, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=rf"^{message}\b"):  # bare: the converter adds rollout.
         RolloutConfig(**fields)
 
 

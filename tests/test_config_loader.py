@@ -60,7 +60,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr must be > 0, got {self.lr}")  # bare: the converter adds the path
 
 
 @dataclass
@@ -499,18 +499,52 @@ def test_post_init_errors_keep_the_file_context(in_tmp):
     write(in_tmp, "base.yaml", "model: {num_attention_heads: 3}\n")
     write(in_tmp, "run.yaml", "defaults: base.yaml\nmodel: {hidden_size: 64}\nprecision: {fp8: e4m3}\n")
     error = config_error("run.yaml", JobConfig)
-    assert error.issues == [
-        "model.hidden_size=64 is not divisible by model.num_attention_heads=3 (from run.yaml, base.yaml)",
-        "precision.fp8 needs precision.dtype bf16 or fp16, got fp32 (from run.yaml)",
-    ]
+    assert len(error.issues) == 2
+    assert error.issues[0].startswith("model.hidden_size=64 is not divisible by num_attention_heads=3")
+    assert error.issues[0].endswith(" (from run.yaml, base.yaml)")
+    assert error.issues[1] == "precision.fp8 needs dtype bf16 or fp16, got fp32 (from run.yaml)"
     error = config_error("run.yaml", JobConfig, ["model.num_attention_heads=4", "parallel.tp=0"])
     assert error.issues == [
-        "precision.fp8 needs precision.dtype bf16 or fp16, got fp32 (from run.yaml)",
+        "precision.fp8 needs dtype bf16 or fp16, got fp32 (from run.yaml)",
         "parallel.tp must be a positive integer, got 0 (from override 'parallel.tp=0')",
     ]
     # A validation in the test schema itself, after the string-to-float conversion.
     error = config_error({"optim": {"lr": "-1e-3"}}, JobConfig)
     assert error.issues == ["optim.lr must be > 0, got -0.001"]
+
+
+def test_post_init_errors_name_the_full_path_of_their_section():
+    """__post_init__ names fields bare; the converter prefixes where the dataclass sits, so the same
+    DataConfig reports data.* at the top and rollout.warmup_data.* inside the rollout section."""
+    from mrl.job import JobConfig as Job
+
+    recipe = REPO / "configs/grpo-tiny-cpu.yaml"
+    overrides = ["data.seq_length=1", "rollout.warmup_data.seq_length=1", "rollout.vllm.gpu_memory_utilization=2",
+                 "loss.kind=ppo", "loss.clip_low=1.5"]
+    error = config_error(recipe, Job, overrides)
+    assert [issue.split(" (from ")[0] for issue in error.issues] == [
+        "data.seq_length must be >= 2 (a token and its successor), got 1",
+        "loss.clip_low must be in [0, 1), got 1.5",  # the loss section's kind picks its config class
+        "rollout.warmup_data.seq_length must be >= 2 (a token and its successor), got 1",
+        "rollout.vllm.gpu_memory_utilization must be in (0, 1], got 2.0",
+    ]
+    # A section's own check of a nested one, and the top level (no prefix).
+    assert config_error(recipe, Job, ["rollout.warmup_data.kind=prompt"]).issues[0].startswith(
+        "rollout.warmup_data.kind must be 'sft', got 'prompt' (from ")
+    assert config_error(recipe, Job, ["nproc=0"]).issues[0].startswith(
+        "nproc must be a positive integer or null, got 0 (from ")
+
+
+def test_qualify_prefixes_field_names_and_other_messages():
+    from mrl.config.convert import qualify
+
+    assert qualify("clip_low must be in [0, 1)", ("loss",), {"clip_low"}) == "loss.clip_low must be in [0, 1)"
+    assert qualify("kind='x' is odd", ("rollout", "warmup_data"), {"kind"}) == "rollout.warmup_data.kind='x' is odd"
+    assert qualify("warmup_data.kind must be 'sft'", ("rollout",), {"warmup_data"}) == \
+        "rollout.warmup_data.kind must be 'sft'"
+    assert qualify("no room left", ("data",), {"seq_length"}) == "data: no room left"
+    assert qualify("data.path is set twice", ("data",), {"path"}) == "data.path is set twice"  # already full
+    assert qualify("nproc must be >= 1", (), {"nproc"}) == "nproc must be >= 1"  # the top level
 
 
 def test_schema_must_be_a_dataclass():

@@ -531,18 +531,18 @@ def test_skip_malformed_counts_every_bad_record(tmp_path, caplog):
 
 def test_data_config_validation_names_fields():
     cases = [
-        (dict(kind="pretrain"), "data.kind must be one of"),
-        (dict(seq_length=0), "data.seq_length must be a positive integer"),
+        (dict(kind="pretrain"), "kind must be one of"),
+        (dict(seq_length=0), "seq_length must be a positive integer"),
         (dict(seq_length=30, pad_to_multiple_of=16),
-         "data.seq_length=30 is not a multiple of data.pad_to_multiple_of=16"),
-        (dict(kind="preference", path="x.jsonl", packing=True), "data.packing applies to data.kind='sft' only"),
-        (dict(truncation="middle"), "data.truncation must be one of"),
-        (dict(pad_to="max"), "data.pad_to must be one of"),
-        (dict(path="builtin:nope"), "data.path='builtin:nope' names no embedded dataset"),
-        (dict(kind="preference", path="builtin:reverse_sft"), "holds 'sft' records but data.kind='preference'"),
-        (dict(group_size=4), "data.group_size applies to data.kind='rollout' only"),
-        (dict(max_records=0), "data.max_records must be a positive integer"),
-        (dict(seed=-1), "data.seed must be a non-negative integer"),
+         "seq_length=30 is not a multiple of pad_to_multiple_of=16"),
+        (dict(kind="preference", path="x.jsonl", packing=True), "packing applies to kind='sft' only"),
+        (dict(truncation="middle"), "truncation must be one of"),
+        (dict(pad_to="max"), "pad_to must be one of"),
+        (dict(path="builtin:nope"), "path='builtin:nope' names no embedded dataset"),
+        (dict(kind="preference", path="builtin:reverse_sft"), "holds 'sft' records but kind='preference'"),
+        (dict(group_size=4), "group_size applies to kind='rollout' only"),
+        (dict(max_records=0), "max_records must be a positive integer"),
+        (dict(seed=-1), "seed must be a non-negative integer"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -156,19 +156,19 @@ def test_logprob_passes_carry_no_router_losses(ranks4, tmp_path):
 # ---- validation --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, message", [
-    ({"moe_topk": 5}, "model.moe_topk=5 exceeds model.num_experts=4"),
-    ({"moe_topk": 1}, "model.moe_topk=1 with moe_router_score_function softmax needs model.moe_router_pre_softmax=true"),
-    ({"moe_layer_freq": [1, 0]}, "model.moe_layer_freq as a list needs model.num_layers=4 entries of 0 or 1"),
-    ({"moe_layer_freq": [0, 0, 0, 0]}, "model.moe_layer_freq has no MoE layer"),
-    ({"moe_shared_expert_gate": True}, "model.moe_shared_expert_gate needs model.moe_shared_expert_size"),
-    ({"moe_expert_bias": True}, "model.moe_expert_bias needs model.moe_router_score_function=sigmoid"),
+    ({"moe_topk": 5}, "moe_topk=5 exceeds num_experts=4"),
+    ({"moe_topk": 1}, "moe_topk=1 with moe_router_score_function softmax needs moe_router_pre_softmax=true"),
+    ({"moe_layer_freq": [1, 0]}, "moe_layer_freq as a list needs num_layers=4 entries of 0 or 1"),
+    ({"moe_layer_freq": [0, 0, 0, 0]}, "moe_layer_freq has no MoE layer"),
+    ({"moe_shared_expert_gate": True}, "moe_shared_expert_gate needs moe_shared_expert_size"),
+    ({"moe_expert_bias": True}, "moe_expert_bias needs moe_router_score_function=sigmoid"),
     ({"moe_capacity_factor": 1.0, "moe_load_balancing": "seq_aux_loss"},
-     "model.moe_capacity_factor needs model.moe_load_balancing=aux_loss"),
-    ({"moe_pad_expert_input_to_capacity": True}, "model.moe_pad_expert_input_to_capacity needs model.moe_capacity_factor"),
-    ({"moe_aux_loss_coeff": 0.01, "moe_load_balancing": "none"}, "model.moe_aux_loss_coeff > 0 needs"),
-    ({"moe_z_loss_coeff": -1.0}, "model.moe_z_loss_coeff must be a number >= 0"),
-    ({"moe_routing_replay": True, "moe_capacity_factor": 1.0}, "model.moe_routing_replay needs drop-less routing"),
-    ({"moe_routing_replay": True, "recompute": "full"}, "model.moe_routing_replay does not work with model.recompute=full"),
+     "moe_capacity_factor needs moe_load_balancing=aux_loss"),
+    ({"moe_pad_expert_input_to_capacity": True}, "moe_pad_expert_input_to_capacity needs moe_capacity_factor"),
+    ({"moe_aux_loss_coeff": 0.01, "moe_load_balancing": "none"}, "moe_aux_loss_coeff > 0 needs"),
+    ({"moe_z_loss_coeff": -1.0}, "moe_z_loss_coeff must be a number >= 0"),
+    ({"moe_routing_replay": True, "moe_capacity_factor": 1.0}, "moe_routing_replay needs drop-less routing"),
+    ({"moe_routing_replay": True, "recompute": "full"}, "moe_routing_replay does not work with recompute=full"),
 ])
 def test_moe_fields_are_validated(fields, message):
     from mrl.model.config import ModelConfig
@@ -183,7 +183,7 @@ def test_moe_fields_are_validated(fields, message):
     (["parallel.pp=2", "parallel.ep=4"], "parallel.ep=4 × expert tensor parallel etp=1 = 4 does not divide the 2 ranks"),
     (["parallel.tp=2", "parallel.ep=2"], "needs parallel.sequence_parallel=true"),
     (["model.num_experts=null"], r"parallel.ep=2 / parallel.etp=None need a MoE model"),
-    (["parallel.cp=2", "parallel.tp=1"], "parallel.ep=2 with parallel.cp=2 is not supported"),
+    (["parallel.cp=2", "parallel.tp=1"], "parallel.ep=2 with cp=2 is not supported"),
 ])
 def test_expert_layouts_are_validated(overrides, message):
     from mrl.config import load_config

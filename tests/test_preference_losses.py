@@ -392,6 +392,6 @@ def test_missing_step_statistics_and_config_errors_name_the_field():
         (dict(sft_normalizer="tokens"), "sft_normalizer"),
         (dict(sft_normalizer="chosen_tokens", sft_average_logprobs=True), "sft_average_logprobs"),
     ):
-        with pytest.raises(ValueError, match=f"loss.{field}"):
+        with pytest.raises(ValueError, match=rf"^{field}\b"):
             DPOLossConfig(**kwargs)
     assert DPOLossConfig(loss_type=["sigmoid", "ipo"]).weights == (1.0, 1.0)

@@ -179,6 +179,8 @@ class Converter:
             return None
         candidates = [m for m in members if m is not type(None)]
         shaped = [m for m in candidates if _accepts_shape(m, value)]
+        if len(shaped) > 1 and isinstance(value, Mapping):
+            shaped = _selected_by_kind(shaped, value)
         if len(shaped) == 1 and isinstance(value, (Mapping, list, tuple)):
             return self.convert(shaped[0], value, path)  # detailed errors from the one candidate
         for strict in (True, False):
@@ -272,6 +274,17 @@ class Converter:
         sources = self.resolved.sources_under(path) or ([self.fallback] if self.fallback else [])
         sources = [s for s in sources if s.file or s.override is not None]
         return f" (from {', '.join(s.name() for s in sources)})" if sources else ""
+
+
+def _selected_by_kind(members: list, value: Mapping) -> list:
+    """The dataclass members whose ``kind`` field (a ``Literal``) admits ``value['kind']``, when that
+    singles one out (a union of configs told apart by their ``kind``, like ``loss``); else ``members``."""
+    if "kind" not in value or not all(is_dataclass_type(m) for m in members):
+        return members
+    kinds = [type_hints(m).get("kind") for m in members]
+    chosen = [m for m, kind in zip(members, kinds)
+              if typing.get_origin(kind) is Literal and value["kind"] in typing.get_args(kind)]
+    return chosen if len(chosen) == 1 else members
 
 
 def _accepts_shape(tp: Any, value: Any) -> bool:
