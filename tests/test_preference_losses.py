@@ -232,6 +232,29 @@ def test_hand_computed_pair_losses():
     assert P.pair_loss("discopop", c, r, beta=1.0).item() == pytest.approx(0.1353353, abs=2e-7)
 
 
+def test_hand_computed_pair_gradients():
+    """(∂ℓ/∂c, ∂ℓ/∂r) at β = 1, c = 1, r = −1, from the derivatives of the formulas:
+
+    sigmoid   ∓σ(−βΔ)·β: (−σ(−2), σ(−2)) = (−0.1192029, 0.1192029)
+    ipo       ±2(Δ − 1/(2β)) = (3, −3);   hinge at β = 0.25: (−β, β) = (−0.25, 0.25)
+    sppo_hard (2(c − 1/2), 2(r + 1/2)) = (1, −1)
+    apo_zero  (−σ(c)σ(−c), σ(r)σ(−r)) = (−0.1966119, 0.1966119)
+    nca_pair  (−σ(−c) + ½σ(c), ½σ(r)) = (−0.2689414 + 0.3655293, 0.1344707) = (0.0965879, 0.1344707)
+    bco_pair  δ = 0.5: (−σ(−(c − δ)), σ(r − δ)) = (−σ(−0.5), σ(−1.5)) = (−0.3775407, 0.1824255)
+    """
+    expected = {
+        "sigmoid": ((-0.1192029, 0.1192029), 1.0, {}), "ipo": ((3.0, -3.0), 1.0, {}),
+        "hinge": ((-0.25, 0.25), 0.25, {}), "sppo_hard": ((1.0, -1.0), 1.0, {}),
+        "apo_zero": ((-0.1966119, 0.1966119), 1.0, {}), "nca_pair": ((0.0965879, 0.1344707), 1.0, {}),
+        "bco_pair": ((-0.3775407, 0.1824255), 1.0, dict(bco_shift=torch.tensor([0.5], dtype=D))),
+    }
+    for kind, (grads, beta, kwargs) in expected.items():
+        c = torch.tensor([1.0], dtype=D, requires_grad=True)
+        r = torch.tensor([-1.0], dtype=D, requires_grad=True)
+        gc, gr = torch.autograd.grad(P.pair_loss(kind, c, r, beta=beta, **kwargs).sum(), (c, r))
+        assert (gc.item(), gr.item()) == pytest.approx(grads, abs=2e-7), kind
+
+
 def test_aot_hand_computed_sort_partners():
     """Two pairs, β = 1. aot: policy margins h = (3, −1), reference margins g = (0, 2); sorted
     h = (−1, 3), sorted g = (0, 2), so d = (−1, 1) and the loss is [−log σ(−1) − log σ(1)]/2 =
