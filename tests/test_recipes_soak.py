@@ -60,7 +60,7 @@ def test_recipe_trains_learns_and_resumes(tmp_path, recipe, metric, direction):
     assert (tmp_path / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
 
-    again = _train(recipe, tmp_path)  # the same command resumes: nothing left to do
+    again = _train(recipe, tmp_path)  # the same command again: the run is complete, nothing to do
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from" in again.stdout
+    assert f"is already complete: its latest checkpoint is step {steps}" in again.stdout + again.stderr
     assert len(_records(tmp_path)) == steps
