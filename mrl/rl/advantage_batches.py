@@ -14,11 +14,14 @@ or values, which exist on the last pipeline stage after ``annotate_logprobs`` â€
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from mrl.data.sequences import IGNORE_INDEX
+from mrl.losses.base import BatchNeeds
 from mrl.rl.advantages import AdvantageInputs, estimate, get_estimator
 
 
@@ -28,6 +31,14 @@ _WHERE = {
     "old_logprobs": "the old-policy pass runs before the estimator, on the last pipeline stage",
     "ref_logprobs": "the reference pass runs when a reference model exists (reference.source)",
 }
+
+
+def with_reward_kl(needs: BatchNeeds, rollout) -> BatchNeeds:
+    """A loss's batch needs plus the reference log-probs that a KL penalty in the reward
+    (``rollout.kl_in_reward_coef`` > 0) reads at advantage time."""
+    if rollout.kl_in_reward_coef > 0:
+        return dataclasses.replace(needs, reference_logprobs=True)
+    return needs
 
 
 def gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:

@@ -21,7 +21,6 @@ is then the policy as the warm-up left it, and it is saved with every checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from mrl.data.tasks import load_reward_fn
 from mrl.losses import functional as LF
 from mrl.losses.base import BatchNeeds
 from mrl.model.init import unwrap_ddp
-from mrl.rl.advantage_batches import assign_advantages
+from mrl.rl.advantage_batches import assign_advantages, with_reward_kl
 from mrl.rl.advantages import AdvantageInputs, estimate, get_estimator, group_advantages
 from mrl.rl.credit import token_credits
 from mrl.rl.rollout import build_rollout_source
@@ -71,10 +70,7 @@ class GRPOTrainer(Trainer):
 
     def batch_needs(self) -> BatchNeeds:
         """The loss's needs, and the reference log-probs of a KL penalty in the reward."""
-        needs = super().batch_needs()
-        if self.cfg.rollout.kl_in_reward_coef > 0:
-            needs = dataclasses.replace(needs, reference_logprobs=True)
-        return needs
+        return with_reward_kl(super().batch_needs(), self.cfg.rollout)
 
     # Rollouts -----------------------------------------------------------------------------------
 

@@ -17,12 +17,11 @@ prompt) together. Before the step:
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
 from mrl.losses.base import BatchNeeds
-from mrl.rl.advantage_batches import assign_advantages, gather_rows
+from mrl.rl.advantage_batches import assign_advantages, gather_rows, with_reward_kl
 from mrl.rl.advantages import get_estimator
 from mrl.rl.targets import value_targets
 from mrl.train.trainer import Trainer
@@ -33,10 +32,7 @@ class OfflineRLTrainer(Trainer):
 
     def batch_needs(self) -> BatchNeeds:
         """The loss's needs, and the reference log-probs of a KL penalty in the reward."""
-        needs = super().batch_needs()
-        if self.cfg.rollout.kl_in_reward_coef > 0:
-            needs = dataclasses.replace(needs, reference_logprobs=True)
-        return needs
+        return with_reward_kl(super().batch_needs(), self.cfg.rollout)
 
     def next_batches(self) -> tuple[list[dict], dict[str, float]]:
         batches, extra = super().next_batches()
