@@ -126,6 +126,14 @@ class JobConfig:
         if heads % engine.tensor_parallel_size != 0:
             raise ValueError(f"rollout.vllm.tensor_parallel_size={engine.tensor_parallel_size} must divide "
                              f"model.num_attention_heads={heads}")
+        # The replica's other ranks wait in a collective while its first rank starts or refits the
+        # engine: past the collective timeout they would fail with a bare gloo/NCCL timeout instead.
+        collective_s = self.parallel.timeout_minutes * 60
+        for name in ("start_timeout_s", "refit_timeout_s"):
+            if getattr(engine, name) >= collective_s:
+                raise ValueError(f"rollout.vllm.{name}={getattr(engine, name):g} must be below "
+                                 f"parallel.timeout_minutes={self.parallel.timeout_minutes:g} (= {collective_s:g} s), "
+                                 "the time the other ranks wait in a collective for the engine")
 
     def _check_initial_weights(self) -> None:
         """Hugging Face starting or reference weights must hold the architecture model.* describes."""

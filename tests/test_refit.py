@@ -75,6 +75,8 @@ def test_streamed_shards_equal_the_export_tensors(ranks4, variant):
     ("rollout.vllm.kv_cache_gib=0", "rollout.vllm.kv_cache_gib must be a positive integer"),
     ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization must be in"),
     ("rollout.vllm.start_timeout_s=0", "rollout.vllm.start_timeout_s must be > 0"),
+    ("rollout.vllm.start_timeout_s=1800", "rollout.vllm.start_timeout_s=1800 must be below parallel.timeout_minutes=30"),
+    ("rollout.vllm.refit_timeout_s=3000", "rollout.vllm.refit_timeout_s=3000 must be below parallel.timeout_minutes=30"),
     ("rollout.engine=sglang", "rollout.engine"),
 ])
 def test_vllm_settings_are_validated_naming_the_field(override, message):

@@ -19,7 +19,7 @@ SHORT = ["train.steps=3", "train.global_batch_size=16", "train.micro_batch_size=
          "log.progress=false"]
 
 
-def _trainer(recipe: str, overrides: list[str], output_dir: str):
+def _trainer(recipe: str, overrides: list[str], output_dir: str, *, timeout_minutes: float = 2):
     import torch.distributed as dist
 
     from mrl.config import load_config
@@ -29,7 +29,7 @@ def _trainer(recipe: str, overrides: list[str], output_dir: str):
 
     cfg = load_config(recipe, JobConfig, [*overrides, f"log.output_dir={output_dir}"])
     cfg.validate(dist.get_world_size())
-    layout = ParallelLayout.initialize(cfg.parallel, timeout_minutes=2)
+    layout = ParallelLayout.initialize(cfg.parallel, timeout_minutes=timeout_minutes)
     layout.seed(cfg.seed)
     return build_trainer(cfg, layout)
 

@@ -94,7 +94,9 @@ def _alive(pids: list[int]) -> list[int]:
 
 
 def case_grpo(overrides: list[str], output_dir: str) -> dict:
-    trainer = _trainer(RECIPE, overrides, output_dir)
+    # The replica's other ranks wait in a collective while its first rank starts vLLM (17-45 s on
+    # a quiet machine, minutes on a loaded one): a longer collective timeout than the other tests use.
+    trainer = _trainer(RECIPE, overrides, output_dir, timeout_minutes=10)
     engine = _engine_processes(trainer.rollout_source)
     results = trainer.train()  # closes the engine at the end
     return {"losses": [r.loss for r in results], "engine": engine, "left": _alive(engine)}
@@ -156,7 +158,7 @@ def case_start_fails(overrides: list[str], output_dir: str) -> dict:
     pattern = f"{tempfile.gettempdir()}/mrl-vllm-*"
     before, dirs = _own_processes(), set(glob.glob(pattern))
     try:
-        _trainer(RECIPE, overrides, output_dir)
+        _trainer(RECIPE, overrides, output_dir, timeout_minutes=10)
         error = None
     except RolloutEngineError as exc:
         error = str(exc)
@@ -182,7 +184,7 @@ def case_refit_fails(overrides: list[str], output_dir: str) -> dict:
     from mrl.rl.vllm_engine import RolloutEngineError
 
     before = _own_processes()
-    trainer = _trainer(RECIPE, overrides, output_dir)
+    trainer = _trainer(RECIPE, overrides, output_dir, timeout_minutes=10)
     source = trainer.rollout_source
     prompts = [[1] + list(range(40, 80))] * 4
     first = source.generate(prompts, seed=1)
