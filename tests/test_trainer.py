@@ -227,6 +227,39 @@ def test_online_grpo_warms_up_samples_and_trains(ranks4, tmp_path):
     assert len((tmp_path / "warmup_metrics.jsonl").read_text().splitlines()) == 2
 
 
+def case_warmup_start(overrides: list[str], output_dir: str) -> dict:
+    """Checksums of the policy right after train.init_checkpoint is loaded and when the warm-up starts."""
+    trainer = _trainer("configs/grpo-tiny-cpu.yaml", overrides, output_dir)
+    seen: dict[str, float] = {"random": _param_checksum(trainer)}
+    load, warmup = trainer._load_weights, trainer._sft_warmup
+
+    def loading(chunks, source):
+        loaded = load(chunks, source)
+        if chunks is trainer.model:
+            seen["init"] = _param_checksum(trainer)
+        return loaded
+
+    def warming_up():
+        seen["warmup_start"] = _param_checksum(trainer)
+        warmup()
+
+    trainer._load_weights, trainer._sft_warmup = loading, warming_up
+    trainer.train()
+    return seen
+
+
+def test_sft_warmup_starts_from_the_initial_checkpoint(ranks4, tmp_path):
+    """The warm-up trains the weights train.init_checkpoint names (it once ran first, and the
+    checkpoint's weights then replaced the warmed-up policy)."""
+    ranks4.run(case_curve, SFT, [*SHORT, "train.steps=1", "parallel.tp=1", "parallel.pp=1"], str(tmp_path / "sft"))
+    overrides = ["rollout.sft_warmup_steps=1", "train.steps=1", "train.global_batch_size=16", "train.micro_batch_size=4",
+                 "rollout.group_size=4", "rollout.max_new_tokens=2", "log.progress=false",
+                 f"train.init_checkpoint={tmp_path / 'sft'}"]
+    for seen in ranks4.run(case_warmup_start, overrides, str(tmp_path / "grpo")):
+        assert seen["init"] != seen["random"]
+        assert seen["warmup_start"] == seen["init"]
+
+
 def test_architecture_variants_are_layout_invariant(ranks4, tmp_path):
     """Tied embeddings (synced across pipeline stages), GQA, qk-norm, LayerNorm, GELU, biases."""
     variant = ["model.tie_embeddings=true", "model.num_query_groups=2", "model.qk_layernorm=true",

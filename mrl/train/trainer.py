@@ -120,8 +120,8 @@ class Trainer:
 
     def train(self) -> list[StepResult]:
         try:
-            self.before_training()
             self._resume()
+            self.before_training()
             results = []
             with self.stop_signals.at_step_boundaries():
                 while self.step < self.cfg.train.steps:
@@ -140,7 +140,8 @@ class Trainer:
             self.close()
 
     def before_training(self) -> None:
-        """Runs first in ``train``, before any checkpoint is resumed (e.g. an SFT warm-up)."""
+        """Runs in ``train`` once the weights are resumed or initialised, before the first step (e.g.
+        an SFT warm-up, which must start from ``train.init_checkpoint``'s weights, not replace them)."""
 
     def close(self) -> None:
         """Runs last in ``train``, also after an error: release what the trainer started."""
