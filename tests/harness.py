@@ -29,8 +29,9 @@ DEFAULT_TIMEOUT_S = 240.0
 # A rank whose thread count passes this after a case is replaced before the next one. Destroyed
 # process groups that stay referenced keep three gloo threads each, and some Megatron objects are
 # never freed (MoE models under Megatron's DDP stay alive through their gradient hooks: ~16 groups,
-# 48 threads per trainer case); hundreds of such threads per rank slow every later test to a crawl.
-MAX_RANK_THREADS = 120
+# 48 threads per trainer case); the threads poll even while the rank idles (a rank holding ~110
+# took 16% of a core between cases), so hundreds of them slow every later test to a crawl.
+MAX_RANK_THREADS = 60
 # After one rank fails, how long the others get to finish before the pool is declared broken.
 FAILURE_GRACE_S = 20.0
 
@@ -98,7 +99,7 @@ def _worker(rank: int, world_size: int, port: int, log_dir: str, tasks, results)
         if task is None:
             break
         case_id, fn, args, kwargs = pickle.loads(task)
-        print(f"--- case {case_id}: {fn.__module__}.{fn.__qualname__}", flush=True)
+        print(f"--- case {case_id}: {fn.__module__}.{fn.__qualname__} ({_thread_count()} threads)", flush=True)
         try:
             outcome = ("ok", fn(*args, **kwargs))
         except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
