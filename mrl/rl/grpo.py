@@ -135,20 +135,23 @@ class GRPOTrainer(Trainer):
         each completion token's credit (``token_credits``); the sequence reward is then the mean
         character credit."""
         group, eos = self.cfg.rollout.group_size, self.tokenizer.eos_id
-        scored = [self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, eos)), ex.answer)
-                  for ex, c in zip((ex for ex in examples for _ in range(group)), completions)]
+        scored = [self._reward(ex, c) for ex, c in zip((ex for ex in examples for _ in range(group)), completions)]
         if not isinstance(scored[0], list):
             return torch.tensor(scored, dtype=torch.float32), None
         per_token = [token_credits(self.tokenizer.decode, c, credit, eos) for c, credit in zip(completions, scored)]
         return torch.tensor([sum(c) / len(c) for c in scored], dtype=torch.float32), per_token
 
+    def _reward(self, example, completion: list[int]):
+        """The reward function's score of one completion: a number or per-character credits."""
+        text = self.tokenizer.decode(_strip_eos(completion, self.tokenizer.eos_id))
+        return self.reward_fn(example.prompt, text, example.answer)
+
     def _greedy_rewards(self, examples, prompts: list[list[int]]) -> torch.Tensor:
         """[rows] reward of the greedy completion of each row's prompt (ReMax's baseline)."""
         greedy = self.rollout_source.generate(prompts, seed=0, greedy=True).completions
-        eos = self.tokenizer.eos_id
         scores = []
         for ex, c in zip(examples, greedy):
-            score = self.reward_fn(ex.prompt, self.tokenizer.decode(_strip_eos(c, eos)), ex.answer)
+            score = self._reward(ex, c)
             scores.append(sum(score) / len(score) if isinstance(score, list) else score)
         return torch.tensor(scores, dtype=torch.float32).repeat_interleave(self.cfg.rollout.group_size)
 

@@ -17,7 +17,6 @@ prompt) together. Before the step:
 
 from __future__ import annotations
 
-
 import torch
 
 from mrl.losses.base import BatchNeeds
