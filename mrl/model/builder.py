@@ -3,7 +3,8 @@
 Order, for every virtual-pipeline chunk this rank holds:
   1. ``transformer_config``: ModelConfig + PrecisionConfig + the layout -> Megatron ``TransformerConfig``
   2. ``layer_spec``: Transformer Engine layers when used, else Megatron's local layers with
-     sequence-parallel-capable torch norms
+     sequence-parallel-capable torch norms; self-attention rotates each key once, into the KV
+     cache (``mrl.model.attention``)
   3. ``PolicyGPT`` on the padded vocabulary, with this chunk's pre/post-process flags
   4. ``Float16Module`` for bf16/fp16
 DDP wrapping and the optimizer come later (``mrl.train.optim``); a reference model stops at 4.
@@ -175,6 +176,9 @@ def layer_spec(config, model: ModelConfig, use_te: bool, vp_stage: int | None, p
     def spec_for(num_experts):
         spec = gpt_layer_spec(use_te=use_te, normalization=model.normalization, qk_layernorm=model.qk_layernorm,
                               num_experts=num_experts, moe_grouped_gemm=bool(config.moe_grouped_gemm))
+        from mrl.model.attention import CachedRotarySelfAttention
+
+        spec.submodules.self_attention.module = CachedRotarySelfAttention
         if use_te:
             return spec
         from mrl.parallel.cpu import SequenceParallelTorchNorm
