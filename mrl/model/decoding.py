@@ -4,7 +4,8 @@
 static engine hard-codes CUDA events, generators and pinned memory): ``prefill`` runs a wave of
 prompts once and caches every layer's keys and values; each ``step`` feeds one new token per row and
 attends to the cache. Only the last position's logits are computed (``PolicyGPT`` honours the
-context's ``materialize_only_last_token_logits``).
+context's ``materialize_only_last_token_logits``). The cache holds keys already rotated by RoPE
+(``mrl.model.attention.CachedRotarySelfAttention``), so a step rotates only its new keys.
 
 Prompts of different lengths are **left-padded**: row ``r`` with ``pad_r`` leading pads keeps its
 real tokens in the cache slots ``[pad_r, ...)``, and every query of that row masks the pad slots.
