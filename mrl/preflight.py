@@ -33,7 +33,9 @@ def missing_packages(cfg: JobConfig) -> list[str]:
         if source and is_hf_model_dir(source):
             needs.append(("safetensors", f"{name}={source} (a Hugging Face directory)", "pip install 'mrl[hf]'"))
     if cfg.algorithm == "grpo" and getattr(cfg.rollout, "engine", "megatron") == "vllm":
-        needs.append(("vllm", "rollout.engine=vllm", "pip install vllm"))
+        needs.append(("vllm", "rollout.engine=vllm",
+                      "pip install 'mrl[vllm]' on a GPU machine; on CPU, make venv-vllm builds .venv-vllm "
+                      "with vLLM's CPU build (run mrl from there)"))
     return [f"{setting} needs the '{module}' package, which this Python ({_python()}) lacks: {how}"
             for module, setting, how in needs if importlib.util.find_spec(module) is None]
 

@@ -64,6 +64,16 @@ def test_a_missing_optional_package_is_named_with_the_setting_and_the_extra(bad_
     assert lines[1].startswith(f"data: {bad_data}:2: ")  # reported together with the data problems
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="this Python has vLLM")
+def test_a_vllm_recipe_without_vllm_says_how_to_install_it_on_gpu_and_on_cpu():
+    cfg = load_config(str(REPO / "configs/grpo-tiny-cpu-vllm.yaml"), JobConfig, [])
+    with pytest.raises(ValueError) as error:
+        preflight(cfg)
+    line = str(error.value).splitlines()[0]
+    assert line.startswith(f"rollout.engine=vllm needs the 'vllm' package, which this Python ({sys.executable}) lacks")
+    assert "pip install 'mrl[vllm]' on a GPU machine" in line and "make venv-vllm" in line
+
+
 def test_mrl_train_stops_on_bad_data_before_any_rank_in_seconds(tmp_path, bad_data):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     started = time.monotonic()
