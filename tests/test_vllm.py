@@ -204,3 +204,54 @@ def test_a_refit_that_fails_stops_every_rank_and_leaves_no_process(ranks2, tmp_p
         assert result["first"] == 4
         assert result["error"] is not None and "refit failed in the vLLM engine" in result["error"], result["error"]
         assert result["left"] == [], f"processes left behind: {result['left']}"
+
+
+def test_a_rank_killed_under_torchrun_takes_its_engine_with_it(tmp_path):
+    """SIGKILL of the engine's host rank outside mrl's own spawner (here torchrun, which only
+    watches its direct workers): the engine's processes and its files must not outlive the rank."""
+    import glob
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+
+    overrides = _overrides(tmp_path, "parallel.tp=1", "parallel.pp=1", "train.steps=50",
+                           "train.global_batch_size=4", "train.micro_batch_size=4", "rollout.group_size=4",
+                           f"log.output_dir={tmp_path / 'run'}", "log.progress=true")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    log = tmp_path / "torchrun.out"
+    pattern = f"{tempfile.gettempdir()}/mrl-vllm-*"
+    dirs_before = set(glob.glob(pattern))
+    with open(log, "w") as out:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                                     "--nproc-per-node=1", "--max-restarts=0", "-m", "mrl", "train", RECIPE,
+                                     *overrides], cwd=Path(__file__).resolve().parents[1], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while "engine ready" not in log.read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        (rank,) = psutil.Process(launcher.pid).children()
+        engine = [p.pid for p in rank.children(recursive=True) if "mrl.processes" not in " ".join(p.cmdline())]
+        assert engine, "no engine process under the rank"
+        workdirs = sorted(set(glob.glob(pattern)) - dirs_before)
+        assert len(workdirs) == 1, workdirs
+        rank.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=120)
+        deadline = time.monotonic() + 30
+        while (_alive(engine) or Path(workdirs[0]).exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _alive(engine) == [], f"engine processes outlived their rank: {_alive(engine)}"
+        assert not Path(workdirs[0]).exists(), "the engine's files outlived their rank"
+    finally:
+        for pid in [launcher.pid] + (engine if "engine" in locals() else []):
+            try:
+                os.kill(pid, signal.SIGKILL)  # torchrun starts its workers in sessions of their own
+            except ProcessLookupError:
+                pass

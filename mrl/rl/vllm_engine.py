@@ -25,7 +25,9 @@ between its stages and the engine's host: not covered yet.
 
 Failure: an engine that does not start (error or ``rollout.vllm.start_timeout_s``), or a refit
 that fails (or exceeds ``rollout.vllm.refit_timeout_s``), raises ``RolloutEngineError`` on every
-rank of the replica with the engine's message; the engine's processes are killed first.
+rank of the replica with the engine's message; the engine's processes are killed first. A rank that
+dies without closing its engine (SIGKILL under torchrun or srun, which watch only their direct
+workers) takes the engine's processes and files with it (``mrl.processes.ProcessGuard``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mrl.processes import ProcessGuard
 from mrl.rl.rollout import Rollout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -194,6 +197,8 @@ class _Engine:
         self._shm_file = None
         self._shm_map = None
         self._shm_size = 0
+        # A rank killed outside mrl's own spawner (SIGKILL under torchrun or srun) takes them with it.
+        self._guard = ProcessGuard(pids, [workdir, self._shm_path])
         atexit.register(self.close)
 
     @classmethod
@@ -342,6 +347,7 @@ class _Engine:
         except FileNotFoundError:
             pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+        self._guard.release()
 
     def _close_shm(self) -> None:
         if self._shm_map is not None:
