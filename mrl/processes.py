@@ -71,13 +71,18 @@ def kill_descendants(pid: int | None = None, *, spare: tuple[int, ...] = ()) -> 
 
     Returns the killed process ids."""
     family = [p for p in descendants(os.getpid() if pid is None else pid) if p.pid not in spare]
-    for process in family:
+    kill_all(family, wait_s=5)
+    return [p.pid for p in family]
+
+
+def kill_all(processes: list[psutil.Process], wait_s: float) -> None:
+    """SIGKILL ``processes`` and reap them (waiting at most ``wait_s``)."""
+    for process in processes:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(family, timeout=5)
-    return [p.pid for p in family]
+    psutil.wait_procs(processes, timeout=wait_s)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -141,12 +146,7 @@ def _watch(stream) -> None:
                 family += root.children(recursive=True) + [root]
         except psutil.NoSuchProcess:
             pass
-    for process in family:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=10)
+    kill_all(family, wait_s=10)
     for path in map(Path, guarded.get("paths", [])):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
