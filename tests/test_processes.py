@@ -16,9 +16,12 @@ import psutil
 OWNER = textwrap.dedent("""
     import subprocess, sys, time
     from pathlib import Path
+    import psutil
     from mrl.processes import ProcessGuard
 
     helper = subprocess.Popen(["bash", "-c", "sleep 600 & wait"])  # a helper with a child of its own
+    while not psutil.Process(helper.pid).children():
+        time.sleep(0.01)
     scratch = Path(sys.argv[1]); scratch.mkdir(); (scratch / "buffer").write_bytes(b"x" * 1024)
     guard = ProcessGuard([helper.pid], [scratch])
     print(helper.pid, guard.watcher.pid, flush=True)
