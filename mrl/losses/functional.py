@@ -1,14 +1,13 @@
 """Masked arithmetic over per-token log-probs: the functional core of every loss.
 
 Nothing here communicates. Layout invariance comes from the denominators: a caller that passes the
-GLOBAL counts (``num_tokens``, ``num_seqs``, ``num_pairs``: totals over every micro-batch and DP
+GLOBAL counts (``num_tokens``, ``num_seqs``: totals over every micro-batch and DP
 rank of the step) gets back ``local_sum / global_count``, so the sum of the results over
 micro-batches and ranks is the global mean. Without them the local counts are used. A count of 0
 (all-masked input) gives 0, never NaN.
 
 Shapes: per-token tensors are ``[B, S]`` (leading dims count as sequences, the last dim is tokens)
-with a 0/1 ``mask`` of the same shape; advantages are ``[B, S]`` or ``[B]``; DPO inputs are
-per-pair ``[P]``. Metrics come back as ``dict[str, Metric]`` (``mrl.losses.metrics``); token
+with a 0/1 ``mask`` of the same shape; advantages are ``[B, S]`` or ``[B]``. Metrics come back as ``dict[str, Metric]`` (``mrl.losses.metrics``); token
 metrics are token means (divided by ``num_tokens``) whatever the loss's aggregation mode.
 """
 
@@ -17,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from mrl.losses.metrics import Metric, Metrics, masked_max, masked_min
 
@@ -28,7 +26,6 @@ AGG_MODES: tuple[str, ...] = (
     "seq-mean-token-sum-norm",
 )
 KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3", "abs", "k1+", "k3+")
-DPO_KINDS: tuple[str, ...] = ("sigmoid", "ipo")
 
 # |log-ratio| bound before exp() in the policy ratio: exp(20) ≈ 5e8 lies far outside any clip
 # range, and the bound keeps inf out of the backward pass (0·inf = NaN).
@@ -271,54 +268,3 @@ def importance_weights(
         seq_outside = seq_outside | (dropped & mask.any(-1))
     weights = torch.where(mask, weights, torch.zeros_like(weights))
     return weights.detach(), outside, seq_outside
-
-
-def dpo_loss(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    kind: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    num_pairs=None,
-    pair_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """Preference loss over pairs [P], averaged over ``num_pairs`` (default: valid pairs).
-
-    Δ = (chosen − ref_chosen) − (rejected − ref_rejected);
-    sigmoid: −(1 − ε)·log σ(βΔ) − ε·log σ(−βΔ) (ε = ``label_smoothing``); ipo: (Δ − 1/(2β))².
-    ``pair_mask`` [P] drops pairs (padding). Metrics (pair means): ``accuracy`` (Δ > 0),
-    ``reward_margin`` (βΔ), ``chosen_reward`` / ``rejected_reward`` (β·log-ratio).
-    """
-    if kind not in DPO_KINDS:
-        raise ValueError(f"DPO loss kind must be one of {DPO_KINDS}, got {kind!r}")
-    if kind != "sigmoid" and label_smoothing != 0.0:
-        raise ValueError(f"label_smoothing only applies to the sigmoid DPO loss, got kind={kind!r}")
-    shapes = {t.shape for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)}
-    if len(shapes) != 1 or chosen_logps.dim() != 1:
-        raise ValueError(f"DPO inputs must be 1-d tensors of one shape [P], got shapes {sorted(map(tuple, shapes))}")
-    valid = torch.ones_like(chosen_logps, dtype=torch.bool) if pair_mask is None else pair_mask.bool()
-    zeros = torch.zeros_like(chosen_logps)
-    chosen_ratio = torch.where(valid, chosen_logps - ref_chosen_logps, zeros)  # [P]
-    rejected_ratio = torch.where(valid, rejected_logps - ref_rejected_logps, zeros)  # [P]
-    delta = chosen_ratio - rejected_ratio  # [P]
-    if kind == "sigmoid":
-        eps = label_smoothing
-        per_pair = -(1.0 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
-    else:
-        per_pair = (delta - 1.0 / (2.0 * beta)).square()
-    pairs = valid.sum() if num_pairs is None else num_pairs
-    loss = _safe_div(masked_sum(per_pair, valid), pairs)
-
-    def pair_mean(x: torch.Tensor) -> Metric:
-        return Metric.mean_fragment(_safe_div(masked_sum(x.detach(), valid), pairs))
-
-    metrics: Metrics = {
-        "accuracy": pair_mean((delta > 0).to(delta.dtype)),
-        "reward_margin": pair_mean(beta * delta),
-        "chosen_reward": pair_mean(beta * chosen_ratio),
-        "rejected_reward": pair_mean(beta * rejected_ratio),
-    }
-    return loss, metrics
