@@ -237,7 +237,7 @@ def test_a_rank_killed_under_torchrun_takes_its_engine_with_it(tmp_path):
         while "engine ready" not in log.read_text():
             assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
-        (rank,) = psutil.Process(launcher.pid).children()
+        (rank,) = [p for p in psutil.Process(launcher.pid).children() if "mrl" in " ".join(p.cmdline())]
         engine = [p.pid for p in rank.children(recursive=True) if "mrl.processes" not in " ".join(p.cmdline())]
         assert engine, "no engine process under the rank"
         workdirs = sorted(set(glob.glob(pattern)) - dirs_before)
