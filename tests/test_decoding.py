@@ -283,7 +283,7 @@ def test_kv_budget_too_small_for_one_row_names_the_field():
     assert math.isclose(RolloutConfig(decode_rows=2).wave_rows(per_row, 8), 2)
 
 
-def test_validate_refuses_a_kv_budget_too_small_for_one_row_and_prints_the_estimate(capsys):
+def test_validate_refuses_a_kv_budget_too_small_for_one_row_and_prints_the_estimate(capsys, tmp_path):
     from pathlib import Path
 
     from mrl.cli import main
@@ -294,10 +294,11 @@ def test_validate_refuses_a_kv_budget_too_small_for_one_row_and_prints_the_estim
     cfg = load_config(recipe, JobConfig, ["rollout.kv_cache_gib=1e-6"])
     with pytest.raises(ValueError, match=r"rollout\.kv_cache_gib=1e-06 is too small for one row"):
         cfg.validate()
-    assert main(["validate", recipe]) == 0
+    fresh = f"log.output_dir={tmp_path / 'run'}"  # not the recipe's own, which a `make run` may have filled
+    assert main(["validate", recipe, fresh]) == 0
     # tiny-cpu: 4 layers / pp 2, 4 kv heads / tp 2, head_dim 32, S 32, fp32: 32 KiB a row; 128 rows.
     assert "rollout KV cache: 128 rows per wave x 0.0312 MiB per row" in capsys.readouterr().out
-    assert main(["validate", recipe, "rollout.decode_rows=16"]) == 0
+    assert main(["validate", recipe, fresh, "rollout.decode_rows=16"]) == 0
     assert "16 rows per wave" in capsys.readouterr().out
 
 
