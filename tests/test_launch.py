@@ -247,7 +247,7 @@ def test_bad_recipe_fails_before_any_rank(tmp_path, overrides, nproc_per_node, m
 
 def test_failing_ranks_fail_the_job_with_their_logs(tmp_path):
     env = slurm_env(tmp_path, MRL_TORCHRUN_ARGS="--no-such-torchrun-flag")
-    proc = run(["bash", str(SBATCH), RECIPE, *SHORT_RUN], env)
+    proc = run(["bash", str(SBATCH), RECIPE, *SHORT_RUN, f"log.output_dir={tmp_path / 'out'}"], env)
     assert proc.returncode == 1
     assert "training failed (srun exit status 2)" in proc.stdout
     for node_log in ("node0-node1.log", "node1-node2.log"):  # their tails are in the batch output
