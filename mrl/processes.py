@@ -143,7 +143,7 @@ def _watch(stream) -> None:
         try:
             root = psutil.Process(pid)
             if abs(root.create_time() - started) < 1e-3:
-                family += root.children(recursive=True) + [root]
+                family += descendants(pid) + [root]
         except psutil.NoSuchProcess:
             pass
     kill_all(family, wait_s=10)

@@ -21,6 +21,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make venv-vllm; make test-vllm)")
 
+from tests.test_run_control import clean_env  # noqa: E402
 from tests.test_trainer import _trainer  # noqa: E402
 
 RECIPE = "configs/grpo-tiny-cpu.yaml"
@@ -222,16 +223,15 @@ def test_a_rank_killed_under_torchrun_takes_its_engine_with_it(tmp_path):
     overrides = _overrides(tmp_path, "parallel.tp=1", "parallel.pp=1", "train.steps=50",
                            "train.global_batch_size=4", "train.micro_batch_size=4", "rollout.group_size=4",
                            f"log.output_dir={tmp_path / 'run'}", "log.progress=true")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
     log = tmp_path / "torchrun.out"
     pattern = f"{tempfile.gettempdir()}/mrl-vllm-*"
     dirs_before = set(glob.glob(pattern))
     with open(log, "w") as out:
         launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                                      "--nproc-per-node=1", "--max-restarts=0", "-m", "mrl", "train", RECIPE,
-                                     *overrides], cwd=Path(__file__).resolve().parents[1], env=env, stdout=out,
+                                     *overrides], cwd=Path(__file__).resolve().parents[1], env=clean_env(), stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+    engine: list[int] = []
     try:
         deadline = time.monotonic() + 600
         while "engine ready" not in log.read_text():
@@ -250,7 +250,7 @@ def test_a_rank_killed_under_torchrun_takes_its_engine_with_it(tmp_path):
         assert _alive(engine) == [], f"engine processes outlived their rank: {_alive(engine)}"
         assert not Path(workdirs[0]).exists(), "the engine's files outlived their rank"
     finally:
-        for pid in [launcher.pid] + (engine if "engine" in locals() else []):
+        for pid in [launcher.pid, *engine]:
             try:
                 os.kill(pid, signal.SIGKILL)  # torchrun starts its workers in sessions of their own
             except ProcessLookupError:
