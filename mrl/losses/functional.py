@@ -1,14 +1,15 @@
 """Masked arithmetic over per-token log-probs: the functional core of every loss.
 
 Nothing here communicates. Layout invariance comes from the denominators: a caller that passes the
-GLOBAL counts (``num_tokens``, ``num_seqs``: totals over every micro-batch and DP
-rank of the step) gets back ``local_sum / global_count``, so the sum of the results over
-micro-batches and ranks is the global mean. Without them the local counts are used. A count of 0
-(all-masked input) gives 0, never NaN.
+GLOBAL counts (``num_tokens``, ``num_seqs``: totals over every micro-batch and DP rank of the step)
+gets back ``local_sum / global_count``, so the sum of the results over micro-batches and ranks is
+the global mean. Without them the local counts are used. A count of 0 (all-masked input) gives 0,
+never NaN.
 
 Shapes: per-token tensors are ``[B, S]`` (leading dims count as sequences, the last dim is tokens)
-with a 0/1 ``mask`` of the same shape; advantages are ``[B, S]`` or ``[B]``. Metrics come back as ``dict[str, Metric]`` (``mrl.losses.metrics``); token
-metrics are token means (divided by ``num_tokens``) whatever the loss's aggregation mode.
+with a 0/1 ``mask`` of the same shape; advantages are ``[B, S]`` or ``[B]``. Metrics come back as
+``dict[str, Metric]`` (``mrl.losses.metrics``); token metrics are token means (divided by
+``num_tokens``) whatever the loss's aggregation mode.
 """
 
 from __future__ import annotations
