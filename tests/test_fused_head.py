@@ -79,12 +79,14 @@ def case_fused_head(tp: int, vocab: int, padded: int, scale: float, temperature:
     h64, w_full, w_ref, labels, upstream, rows = _inputs(layout.tp_rank, tp, vocab=vocab, padded=padded,
                                                          scale=scale, seed=17, ignore_all_row=ignore_all_row)
     results = {}
-    for path in ("fused", "unfused"):
+    for path in ("fused", "fused-tiled", "unfused"):
         h = h64.to(dtype).requires_grad_(True)
         w = w_full[rows].to(dtype).requires_grad_(True)
         w_q = w_ref[rows].to(dtype)
-        if path == "fused":
-            head, head_ref = FusedHead(h, w, fp32=True), FusedHead(h.detach(), w_q, fp32=True)
+        if path != "unfused":  # "fused-tiled": blocks of 5 vocabulary columns (a shard's last one shorter)
+            cols = 5 if path == "fused-tiled" else None
+            head = FusedHead(h, w, fp32=True, tile_cols=cols)
+            head_ref = FusedHead(h.detach(), w_q, fp32=True, tile_cols=cols)
         else:
             head, head_ref = h.float() @ w.float().t(), (h.detach().float() @ w_q.float().t())
         outs = _functions(ops, head, head_ref, labels, group, vocab, temperature)
@@ -103,9 +105,11 @@ def case_fused_head(tp: int, vocab: int, padded: int, scale: float, temperature:
     errors = {}
     for path, (outs, gh, gw) in results.items():
         errors[path] = (worst(outs, ref_outs), worst([gh], [ref_h]), worst([gw], [ref_w[rows]]))
-    fused, unfused = results["fused"], results["unfused"]
-    errors["fused-vs-unfused"] = (worst(fused[0], unfused[0]), worst([fused[1]], [unfused[1]]),
-                                  worst([fused[2]], [unfused[2]]))
+    unfused = results["unfused"]
+    for path in ("fused", "fused-tiled"):
+        fused = results[path]
+        errors[f"{path}-vs-unfused"] = (worst(fused[0], unfused[0]), worst([fused[1]], [unfused[1]]),
+                                        worst([fused[2]], [unfused[2]]))
     return errors
 
 
@@ -130,9 +134,10 @@ def test_fused_head_matches_float64_and_the_unfused_ops(ranks2, tp, name):
     if scale < 100:
         _check(errors, 1e-5)
     else:  # fp32 logits of size 1e4 carry ~1e-3 rounding; the fused head must be no worse than the unfused
-        for fused, unfused in zip(errors["fused"], errors["unfused"]):
-            assert fused <= 2 * unfused + 1e-6, errors
-        assert errors["fused-vs-unfused"][0] <= 1e-5, errors
+        for path in ("fused", "fused-tiled"):
+            for fused, unfused in zip(errors[path], errors["unfused"]):
+                assert fused <= 2 * unfused + 1e-6, errors
+            assert errors[f"{path}-vs-unfused"][0] <= 1e-5, errors
 
 
 def test_fused_head_at_tp4(ranks4):
@@ -144,8 +149,9 @@ def test_fused_head_at_tp4(ranks4):
 def test_fused_head_bf16(ranks2):
     results = ranks2.run(case_fused_head, 2, 64, 64, 3.0, 1.0, "bfloat16", False)
     errors = results[0]
-    assert errors["fused-vs-unfused"][0] <= 1e-2
-    assert max(errors["fused"]) <= 5e-2  # bf16 inputs against float64 math on the unrounded inputs
+    for path in ("fused", "fused-tiled"):
+        assert errors[f"{path}-vs-unfused"][0] <= 1e-2
+        assert max(errors[path]) <= 5e-2  # bf16 inputs against float64 math on the unrounded inputs
 
 
 # ---- Wired through the model: training curves with model.fused_head equal the unfused ones ----------

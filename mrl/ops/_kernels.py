@@ -31,6 +31,19 @@ class LocalStats(NamedTuple):
     """Σ_j (z_j - m), when asked for (label smoothing)."""
 
 
+def rebase_stats(stats: LocalStats, big_m: torch.Tensor, cols: int) -> LocalStats:
+    """``stats`` of ``cols`` columns taken relative to ``big_m >= stats.max`` instead of their own max:
+    with ``δ = m - M``: ``S = s·e^δ``, ``U = (u + δ·s)·e^δ``, ``Σ(z-M) = Σ(z-m) + cols·δ``.
+
+    Summing rebased stats merges column blocks (of one shard, or of the TP ranks). ``stats.max``
+    must be finite (a block with at least one real column)."""
+    delta = stats.max - big_m  # [tokens] <= 0
+    rescale = delta.exp()
+    u = None if stats.sumexp_z is None else (stats.sumexp_z + delta * stats.sumexp) * rescale
+    sum_z = None if stats.sum_z is None else stats.sum_z + cols * delta
+    return LocalStats(big_m, stats.sumexp * rescale, u, sum_z)
+
+
 _LOG2E = 1.4426950408889634  # exp(t) = 2^(t·log2 e); exp2 is the faster vector routine on CPUs
 
 
@@ -111,6 +124,7 @@ def softmax_grad(
     label_col: torch.Tensor | None = None,
     label_coef: torch.Tensor | None = None,
     const: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gradient w.r.t. ``x``, in ``x``'s dtype, of a per-row function of the softmax.
 
@@ -121,10 +135,13 @@ def softmax_grad(
 
     on the shard's real columns and 0 on its padded ones. The caller folds the chain-rule factor
     ``scale`` into the coefficients. fp32 input is written straight into the one gradient buffer;
-    other dtypes go through an fp32 chunk buffer.
+    other dtypes go through an fp32 chunk buffer. ``out`` (``x``'s shape and dtype, ``x`` itself
+    allowed: it is read a chunk of rows before that chunk is written) replaces a new buffer.
     """
     rows, cols = x.shape[0], shard.valid
-    grad = empty_grad(x, shard)  # [tokens, V_local]
+    grad = empty_grad(x, shard) if out is None else out  # [tokens, V_local]
+    if out is not None and cols < x.shape[1]:
+        grad[:, cols:].zero_()
     if rows == 0 or cols == 0:
         return grad
     alpha = (alpha / norm).unsqueeze(-1)  # e^t·(alpha/S) = p·alpha: 1/S folded into the coefficients

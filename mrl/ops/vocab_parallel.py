@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from mrl.ops._kernels import LocalStats, local_stats, softmax_grad
+from mrl.ops._kernels import LocalStats, local_stats, rebase_stats, softmax_grad
 from mrl.ops._shard import VocabShard, check_labels, check_temperature, chunk_rows, label_logits
 from mrl.ops.fused_head import FusedHead, fused_head_stats
 from mrl.ops.comm import all_reduce_
@@ -60,15 +60,11 @@ def reduce_stats(stats: LocalStats, shard: VocabShard, group, label_z: torch.Ten
     """
     big_m = all_reduce_(stats.max.clone(), dist.ReduceOp.MAX, group)  # [tokens] M
     if shard.valid > 0:
-        delta = stats.max - big_m  # m_r - M <= 0
-        rescale = delta.exp()
+        rebased = rebase_stats(stats, big_m, shard.valid)
+        parts = [t for t in rebased[1:] if t is not None]
     else:  # a shard of padding only contributes nothing
-        delta = rescale = torch.zeros_like(big_m)
-    parts = [stats.sumexp * rescale]
-    if stats.sumexp_z is not None:
-        parts.append((stats.sumexp_z + delta * stats.sumexp) * rescale)
-    if stats.sum_z is not None:
-        parts.append(stats.sum_z + shard.valid * delta)
+        zero = torch.zeros_like(big_m)
+        parts = [zero] + [zero for t in stats[2:] if t is not None]
     if label_z is not None:
         parts.append(label_z)
     return big_m, all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, group)
