@@ -9,8 +9,9 @@ with an entropy bonus needs), then backward to ``h`` and ``W``:
                ``vocab_parallel_logprobs_and_entropy``;
 * ``fused``    ``FusedHead(h, W)`` into the same op: logits one chunk of tokens at a time.
 
-Peak extra memory is measured in fresh processes per variant: on CPU the growth of the resident set
-(``ru_maxrss``) over the run, on CUDA ``torch.cuda.max_memory_allocated`` beyond the inputs. Times
+Peak extra memory is measured in fresh processes per variant: on CPU the growth of the peak resident
+set over the timed runs (``VmHWM`` reset at their start, ``bench_ranks.PeakRss``), on CUDA
+``torch.cuda.max_memory_allocated`` beyond the inputs. Times
 are the fastest of ``--repeats`` (and of ``--rounds`` alternating rounds). On CUDA (bf16 inputs, fp32 logits) the throughput of forward +
 backward, ``6 · T · H · V/tp`` FLOPs over the time, is set against a bf16 GEMM measured in the same run.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ranks import init_rank, report_failure, run_ranks, tp_degrees  # noqa: E402  (tools/, beside this file)
+from bench_ranks import PeakRss, init_rank, report_failure, run_ranks, tp_degrees  # noqa: E402  (tools/, beside this file)
 
 
 def _loss(args, variant: str, h, w, labels, upstream, group):
@@ -79,10 +79,10 @@ def _measure(rank: int, args, variant: str, port: int, results) -> None:
         once()  # warm-up (kernels, allocator)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = PeakRss()
     seconds = min(once() for _ in range(args.repeats))
     peak = (torch.cuda.max_memory_allocated() - base if cuda
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024)
+            else rss.extra())
     gemm_tflops = _gemm_rate(args, device, dtype) if cuda else None
     if rank == 0:
         results.put(("ok", seconds, peak, gemm_tflops))
