@@ -7,13 +7,15 @@ with an entropy bonus needs), then backward to ``h`` and ``W``:
 * ``unfused``  what the model does without ``model.fused_head``: the output layer's logits
                ``[s, b, V/tp]`` (fp32 GEMM), transposed to ``[b, s, V/tp]``, then
                ``vocab_parallel_logprobs_and_entropy``;
-* ``fused``    ``FusedHead(h, W)`` into the same op: logits one chunk of tokens at a time.
+* ``fused``    ``FusedHead(h, W)`` into the same op: logits one tile (tokens × vocabulary columns) at
+               a time.
 
 Peak extra memory is measured in fresh processes per variant: on CPU the growth of the peak resident
 set over the timed runs (``VmHWM`` reset at their start, ``bench_ranks.PeakRss``), on CUDA
-``torch.cuda.max_memory_allocated`` beyond the inputs. Times
-are the fastest of ``--repeats`` (and of ``--rounds`` alternating rounds). On CUDA (bf16 inputs, fp32 logits) the throughput of forward +
-backward, ``6 · T · H · V/tp`` FLOPs over the time, is set against a bf16 GEMM measured in the same run.
+``torch.cuda.max_memory_allocated`` beyond the inputs. Times are the fastest of ``--repeats`` (and
+of ``--rounds`` alternating rounds). On CUDA (bf16 inputs, fp32 logits) the throughput of forward +
+backward, ``6 · T · H · V/tp`` FLOPs over the time, is set against a bf16 GEMM measured in the same
+run.
 
     python tools/bench_fused_head.py                          # CPU: T=4096, H=1024, V=152064, TP 1 and 2
     python tools/bench_fused_head.py --device cuda --tp 1     # one GPU

@@ -180,7 +180,8 @@ class LossConfigBase:
     """Label value marking tokens without loss."""
 
     chunk_size: int | None = None
-    """Tokens per chunk in the vocab-parallel ops (bounds their fp32 temporaries); null: the ops' default."""
+    """Tokens per chunk in the vocab-parallel ops (bounds their fp32 temporaries), or per tile of the
+    fused head (``model.fused_head``); null: the ops' default."""
 
     validate: bool = True
     """Check input values (labels in the vocabulary, finite advantages / log-probs) each micro-batch,
