@@ -297,36 +297,36 @@ class _FusedHeadKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_p, weight_p, hidden_q, weight_q, group, shard: VocabShard, scale: float,
                 tiles: Tiles, fp32: bool):
-        from mrl.ops.kl import _local_kl_stats, kl_from_sums, rebase_kl_stats, reduce_kl_stats
+        from mrl.ops.kl import _local_kl_stats, merge_kl_stats_, reduce_kl_stats
 
         head_p, head_q = FusedHead(hidden_p, weight_p, fp32=fp32), FusedHead(hidden_q, weight_q, fp32=fp32)
         tokens = hidden_p.numel() // hidden_p.shape[-1]
         local = torch.zeros(5, tokens, dtype=torch.float32, device=hidden_p.device)  # m_p, m_q, s_p, s_q, w
         local[:2] = float("-inf")
+        ref = torch.zeros(2, tokens, dtype=torch.float32, device=hidden_p.device)  # d's references (a, b)
         for r0, r1 in tiles.token_ranges(tokens):
             hp, hq, acc = head_p.token_rows(r0, r1), head_q.token_rows(r0, r1), local[:, r0:r1]
             for c0, c1, block in tiles.blocks(shard):
                 xp = hp @ head_p.weight_rows(c0, c1).t()  # [r, b]
                 xq = hq @ head_q.weight_rows(c0, c1).t()
-                part = _local_kl_stats(xp, xq, block, scale, chunk_rows(None, xp, block.valid))
-                if c0 == 0:
-                    acc.copy_(part)
-                else:  # both rebased to the common maxima, then summed
-                    big = torch.maximum(acc[:2], part[:2])
-                    acc[2:] = rebase_kl_stats(acc, big) + rebase_kl_stats(part, big)
-                    acc[:2] = big
+                if c0 == 0:  # the first block's maxima are the references: later blocks merge by rescaling
+                    acc.copy_(_local_kl_stats(xp, xq, block, scale, chunk_rows(None, xp, block.valid)))
+                    ref[:, r0:r1] = acc[:2]
+                else:
+                    merge_kl_stats_(acc, _local_kl_stats(xp, xq, block, scale, chunk_rows(None, xp, block.valid),
+                                                         ref[:, r0:r1]))
                 del xp, xq
-        big, sums, mean_r = reduce_kl_stats(local, shard, group)
+        reduced = reduce_kl_stats(local, shard, group, ref)
         ctx.shard, ctx.scale, ctx.tiles, ctx.fp32 = shard, scale, tiles, fp32
-        ctx.save_for_backward(hidden_p, weight_p, hidden_q, weight_q, big, sums, mean_r)
-        return kl_from_sums(big, sums, mean_r)
+        ctx.save_for_backward(hidden_p, weight_p, hidden_q, weight_q, reduced.big, reduced.sums, ref, reduced.mean_d)
+        return reduced.kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl):
         from mrl.ops.kl import kl_grad_chunk
 
-        hidden_p, weight_p, hidden_q, weight_q, big, sums, mean_r = ctx.saved_tensors
+        hidden_p, weight_p, hidden_q, weight_q, big, sums, ref, mean_d = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if not any(needs):
             return (None,) * 9
@@ -339,19 +339,19 @@ class _FusedHeadKL(torch.autograd.Function):
         inv_sp, inv_sq = sums[:2].reciprocal().unsqueeze(-1)  # [tokens, 1]
         tokens = big.shape[1]
         for r0, r1 in tiles.token_ranges(tokens):
-            rows = slice(r0, r1)
             hp, hq = head_p.token_rows(r0, r1), head_q.token_rows(r0, r1)  # [r, H]
             for c0, c1, block in tiles.blocks(shard):
                 wp, wq = head_p.weight_rows(c0, c1), head_q.weight_rows(c0, c1)  # [b, H]
                 xp, xq = hp @ wp.t(), hq @ wq.t()  # recomputed [r, b]
                 n, sub = r1 - r0, chunk_rows(None, xp, block.valid)
-                bufs = torch.empty(3, min(sub, n), block.valid, dtype=torch.float32, device=xp.device)
+                bufs = torch.empty(4, min(sub, n), block.valid, dtype=torch.float32, device=xp.device)
                 grad_p = torch.empty(n, block.valid, dtype=torch.float32, device=xp.device) if out_p else None
                 grad_q = torch.empty(n, block.valid, dtype=torch.float32, device=xp.device) if out_q else None
                 for s0, s1 in row_chunks(n, sub):
-                    kl_grad_chunk(xp[s0:s1], xq[s0:s1], block, scale, big[:, r0 + s0:r0 + s1],
-                                  inv_sp[r0 + s0:r0 + s1], inv_sq[r0 + s0:r0 + s1], mean_r[r0 + s0:r0 + s1],
-                                  g[r0 + s0:r0 + s1], None if grad_p is None else grad_p[s0:s1],
+                    at = slice(r0 + s0, r0 + s1)
+                    kl_grad_chunk(xp[s0:s1], xq[s0:s1], block, scale, big[:, at], None if ref is None else ref[:, at],
+                                  inv_sp[at], inv_sq[at], mean_d[at], g[at],
+                                  None if grad_p is None else grad_p[s0:s1],
                                   None if grad_q is None else grad_q[s0:s1], bufs)
                 del xp, xq
                 if out_p is not None:

@@ -1,49 +1,51 @@
 """KL(p‖q) per token from two vocab-parallel logits shards, differentiable in both.
 
 With ``z_p = x_p / temperature``, ``z_q = x_q / temperature`` (fp32), their global maxima
-``M_p, M_q``, normalisers ``S_p = Σ e^{z_p - M_p}``, ``S_q = Σ e^{z_q - M_q}`` and the raw
-difference ``r_v = (z_p - z_q)_v``:
+``M_p, M_q`` and normalisers ``S_p = Σ e^{z_p - M_p}``, ``S_q = Σ e^{z_q - M_q}``:
 
-    R = Σ_v e^{(z_p - M_p)_v} r_v        E_p[r] = R/S_p
-    KL(p‖q) = Σ_v p_v (log p_v - log q_v) = E_p[r] - (M_p + log S_p) + (M_q + log S_q)
+    d_v = (z_p - M_p)_v - (z_q - M_q)_v        W = Σ_v e^{(z_p - M_p)_v} d_v
+    KL(p‖q) = Σ_v p_v (log p_v - log q_v) = W/S_p - log S_p + log S_q
 
-Forward: per chunk the shard's maxima and ``s_p, s_q, r`` relative to them, one all-reduce MAX of
+Forward: per chunk the shard's maxima and ``s_p, s_q, w`` relative to them, one all-reduce MAX of
 both maxima and one packed all-reduce SUM. Backward, without communication:
 
-    ∂KL/∂z_p = p ⊙ (r - E_p[r])        ∂KL/∂z_q = q - p
+    ∂KL/∂z_p = p ⊙ (d - E_p[d])        ∂KL/∂z_q = q - p        (E_p[d] = W/S_p)
 
-``R`` holds ``r`` unshifted, so moving it to another maximum (another rank's, or another block's
-of the fused head) only multiplies it by ``e^{m - M}``: no sum of large shifts that the backward's
-``r`` would round differently (which matters for logits of size 1e4).
+``d`` is taken against each side's own maximum, so a constant offset between the two logits
+cancels element by element. In general ``d`` may be taken against any references ``(a, b)`` per
+token, ``d = (z_p - a) - (z_q - b)``, and the backward must use the same ones for its ``d`` to
+round as the forward's did: the fused head, whose maxima are known only after its last block,
+uses its first block's maxima, so that its blocks merge by rescaling alone. Its ``W`` is moved to
+the global maxima (adding ``s_p·((a - M_p) - (b - M_q))``), summed over ranks and moved back in
+float64, so each rank's ``E_p[d]`` against its own references rounds as its ``d`` does.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from mrl.ops._kernels import empty_grad, exp_, row_chunks, shift_into
+from mrl.ops._kernels import empty_grad, exp_, exp_into, row_chunks, shift_into
 from mrl.ops._shard import VocabShard, check_temperature, chunk_rows
 from mrl.ops.comm import all_reduce_
 from mrl.ops.fused_head import FusedHead, fused_head_kl
 
 
-def raw_difference_into(out: torch.Tensor, xp: torch.Tensor, xq: torch.Tensor, scale: float) -> torch.Tensor:
-    """``out = z_p - z_q = scale·(x_p - x_q)`` in fp32 (the one expression forward and backward share)."""
-    out.copy_(xp).sub_(xq)  # in fp32 whatever the logits' dtype
-    return out if scale == 1.0 else out.mul_(scale)
+def _local_kl_stats(xp, xq, shard: VocabShard, scale: float, chunk: int, ref: torch.Tensor | None = None) -> torch.Tensor:
+    """``[5, tokens]`` fp32: m_p, m_q, s_p, s_q, w of each row over this shard's real columns.
 
-
-def _local_kl_stats(xp, xq, shard: VocabShard, scale: float, chunk: int) -> torch.Tensor:
-    """``[5, tokens]`` fp32: m_p, m_q, s_p, s_q, r of each row over this shard's real columns."""
+    ``w = Σ e^{z_p - m_p} d`` with ``d = (z_p - a) - (z_q - b)`` for the references ``ref = (a, b)``
+    ``[2, tokens]``, by default the row's maxima ``(m_p, m_q)``."""
     rows, cols = xp.shape[0], shard.valid
     out = torch.zeros(5, rows, dtype=torch.float32, device=xp.device)
     out[:2] = float("-inf")
     if rows == 0 or cols == 0:
         return out
-    m_p, m_q, s_p, s_q, r = out
-    bufs = torch.empty(3, min(chunk, rows), cols, dtype=torch.float32, device=xp.device)
+    m_p, m_q, s_p, s_q, w = out
+    bufs = torch.empty(3 if ref is None else 4, min(chunk, rows), cols, dtype=torch.float32, device=xp.device)
     for r0, r1 in row_chunks(rows, chunk):
         n = r1 - r0
         xpc, xqc = xp[r0:r1, :cols], xq[r0:r1, :cols]
@@ -51,54 +53,94 @@ def _local_kl_stats(xp, xq, shard: VocabShard, scale: float, chunk: int) -> torc
         m_q[r0:r1] = torch.amax(xqc, dim=-1).float() * scale
         tp = shift_into(bufs[0, :n], xpc, m_p[r0:r1], scale)  # z_p - m_p
         tq = shift_into(bufs[1, :n], xqc, m_q[r0:r1], scale)  # z_q - m_q
-        diff = raw_difference_into(bufs[2, :n], xpc, xqc, scale)  # z_p - z_q
+        if ref is None:
+            diff = torch.sub(tp, tq, out=bufs[2, :n])
+        else:
+            diff = shift_into(bufs[2, :n], xpc, ref[0, r0:r1], scale)
+            diff.sub_(shift_into(bufs[3, :n], xqc, ref[1, r0:r1], scale))
         torch.sum(exp_(tp), dim=-1, out=s_p[r0:r1])
         torch.sum(exp_(tq), dim=-1, out=s_q[r0:r1])
-        torch.sum(diff.mul_(tp), dim=-1, out=r[r0:r1])
+        torch.sum(diff.mul_(tp), dim=-1, out=w[r0:r1])
     return out
 
 
-def rebase_kl_stats(local: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
-    """``[3, tokens]`` S_p, S_q, R of ``local`` (``_local_kl_stats``, finite maxima) relative to the
-    maxima ``big`` ``[2, tokens]`` (each ≥ its own): each sum times ``e^{m - M}`` of its side (R: p's).
-    Sums of rebased stats merge blocks."""
-    m_p, m_q, s_p, s_q, r = local
-    f_p, f_q = (m_p - big[0]).exp(), (m_q - big[1]).exp()
-    return torch.stack([s_p * f_p, s_q * f_q, r * f_p])
+def merge_kl_stats_(acc: torch.Tensor, part: torch.Tensor) -> None:
+    """``acc`` ``[5, tokens]`` becomes the stats of its columns and ``part``'s, both ``_local_kl_stats``
+    against the same references: the sums are rescaled to the common maxima and added."""
+    big = torch.maximum(acc[:2], part[:2])  # [2, tokens]
+    f_acc, f_part = (acc[:2] - big).exp(), (part[:2] - big).exp()
+    acc[2:4] = acc[2:4] * f_acc + part[2:4] * f_part
+    acc[4] = acc[4] * f_acc[0] + part[4] * f_part[0]
+    acc[:2] = big
 
 
-def reduce_kl_stats(local: torch.Tensor, shard: VocabShard, group):
-    """``(M [2, tokens], sums [3, tokens] = S_p, S_q, R, E_p[r] [tokens])`` from every rank's
-    ``_local_kl_stats``: one all-reduce MAX, one all-reduce SUM."""
+class KLSums(NamedTuple):
+    """The reduced KL statistics of every token ``[tokens]``."""
+
+    big: torch.Tensor
+    """``[2, tokens]`` the global maxima M_p, M_q."""
+
+    sums: torch.Tensor
+    """``[2+, tokens]`` S_p, S_q (fp32)."""
+
+    ref: torch.Tensor | None
+    """``[2, tokens]`` the references ``(a, b)`` of this rank's ``d``; None: ``big``."""
+
+    mean_d: torch.Tensor
+    """E_p[d] against ``ref`` (fp32)."""
+
+    kl: torch.Tensor
+    """KL(p‖q)."""
+
+
+def reduce_kl_stats(local: torch.Tensor, shard: VocabShard, group, ref: torch.Tensor | None = None) -> KLSums:
+    """``KLSums`` from every rank's ``_local_kl_stats`` (``d`` against ``ref``, default the row
+    maxima): one all-reduce MAX, one all-reduce SUM."""
     big = all_reduce_(local[:2].clone(), dist.ReduceOp.MAX, group)  # [2, tokens]
+    m_p, m_q, s_p, s_q, w = local
+    if ref is None:
+        if shard.valid > 0:
+            delta_p, delta_q = m_p - big[0], m_q - big[1]
+            f_p, f_q = delta_p.exp(), delta_q.exp()
+            parts = [s_p * f_p, s_q * f_q, (w + s_p * (delta_p - delta_q)) * f_p]
+        else:
+            parts = [torch.zeros_like(s_p)] * 3
+        sums = all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, group)  # [3, tokens]
+        mean_d = sums[2] / sums[0]
+        return KLSums(big, sums, None, mean_d, mean_d - sums[0].log() + sums[1].log())
+    shift = ((ref[0] - big[0]) - (ref[1] - big[1])).double()  # (a - M_p) - (b - M_q)
     if shard.valid > 0:
-        parts = rebase_kl_stats(local, big)
+        f_p, f_q = (m_p - big[0]).exp(), (m_q - big[1]).exp()
+        parts = torch.stack([s_p * f_p, s_q * f_q]).double()
+        moved = (w.double() + s_p.double() * shift) * f_p.double()  # W against the global maxima
+        packed = torch.cat([parts, moved.unsqueeze(0)])
     else:
-        parts = torch.zeros_like(local[2:])
-    sums = all_reduce_(parts, dist.ReduceOp.SUM, group)  # [3, tokens]
-    return big, sums, sums[2] / sums[0]
+        packed = torch.zeros(3, s_p.shape[0], dtype=torch.float64, device=s_p.device)
+    packed = all_reduce_(packed, dist.ReduceOp.SUM, group)  # [3, tokens] float64
+    mean_global = packed[2] / packed[0]
+    kl = mean_global - packed[0].log() + packed[1].log()
+    return KLSums(big, packed[:2].float(), ref, (mean_global - shift).float(), kl.float())
 
 
-def kl_from_sums(big: torch.Tensor, sums: torch.Tensor, mean_r: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = E_p[r] - (M_p - M_q) - log S_p + log S_q."""
-    return mean_r - (big[0] - big[1]) - sums[0].log() + sums[1].log()
-
-
-def kl_grad_chunk(xp, xq, shard: VocabShard, scale: float, big, inv_sp, inv_sq, mean_r, g, grad_p, grad_q,
+def kl_grad_chunk(xp, xq, shard: VocabShard, scale: float, big, ref, inv_sp, inv_sq, mean_d, g, grad_p, grad_q,
                   bufs: torch.Tensor) -> None:
     """Write ``g·∂KL/∂x_p`` into ``grad_p`` and ``g·∂KL/∂x_q`` into ``grad_q`` (either may be None) for
-    one chunk of rows ``[c, V/tp]``; ``big`` ``[2, c]`` holds M_p, M_q, ``g`` ``[c, 1]`` carries
-    ``scale``, ``bufs`` is fp32 work space of at least ``[3, c, valid]``."""
+    one chunk of rows ``[c, V/tp]``; ``big`` ``[2, c]`` holds M_p, M_q, ``ref`` ``d``'s references
+    (None: ``big``), ``g`` ``[c, 1]`` carries ``scale``, ``bufs`` is fp32 work space of at least
+    ``[4, c, valid]``."""
     rows, cols = xp.shape[0], shard.valid
     tp = shift_into(bufs[0, :rows], xp[:, :cols], big[0], scale)  # z_p - M_p
-    p = exp_(tp).mul_(inv_sp)
+    tq = shift_into(bufs[1, :rows], xq[:, :cols], big[1], scale)  # z_q - M_q
+    p = exp_into(bufs[2, :rows], tp).mul_(inv_sp)
     if grad_q is not None:
-        tq = shift_into(bufs[1, :rows], xq[:, :cols], big[1], scale)  # z_q - M_q
-        q = exp_(tq).mul_(inv_sq)
+        q = exp_into(bufs[3, :rows], tq).mul_(inv_sq)
         grad_q[:, :cols] = q.sub_(p).mul_(g)
     if grad_p is not None:
-        d = raw_difference_into(bufs[2, :rows], xp[:, :cols], xq[:, :cols], scale).sub_(mean_r.unsqueeze(-1))
-        grad_p[:, :cols] = d.mul_(p).mul_(g)
+        if ref is not None:  # d against the forward's references
+            tp = shift_into(tp, xp[:, :cols], ref[0], scale)
+            tq = shift_into(tq, xq[:, :cols], ref[1], scale)
+        d = tp.sub_(tq).sub_(mean_d.unsqueeze(-1))
+        grad_p[:, :cols] = p.mul_(d).mul_(g)
 
 
 class _VocabParallelKL(torch.autograd.Function):
@@ -106,15 +148,15 @@ class _VocabParallelKL(torch.autograd.Function):
     def forward(ctx, logits_p, logits_q, group, shard: VocabShard, scale: float, chunk: int):
         xp = logits_p.reshape(-1, shard.local_size)  # [tokens, V/tp]
         xq = logits_q.reshape(-1, shard.local_size)
-        big, sums, mean_r = reduce_kl_stats(_local_kl_stats(xp, xq, shard, scale, chunk), shard, group)
+        reduced = reduce_kl_stats(_local_kl_stats(xp, xq, shard, scale, chunk), shard, group)
         ctx.shard, ctx.scale, ctx.chunk = shard, scale, chunk
-        ctx.save_for_backward(logits_p, logits_q, big, sums, mean_r)
-        return kl_from_sums(big, sums, mean_r)
+        ctx.save_for_backward(logits_p, logits_q, reduced.big, reduced.sums, reduced.mean_d)
+        return reduced.kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl):
-        logits_p, logits_q, big, sums, mean_r = ctx.saved_tensors
+        logits_p, logits_q, big, sums, mean_d = ctx.saved_tensors
         need_p, need_q = ctx.needs_input_grad[:2]
         shard, scale = ctx.shard, ctx.scale
         xp = logits_p.reshape(-1, shard.local_size)
@@ -125,10 +167,10 @@ class _VocabParallelKL(torch.autograd.Function):
         grad_q = empty_grad(xq, shard) if need_q else None
         rows, cols = xp.shape[0], shard.valid
         if rows and cols:
-            bufs = torch.empty(3, min(ctx.chunk, rows), cols, dtype=torch.float32, device=xp.device)
+            bufs = torch.empty(4, min(ctx.chunk, rows), cols, dtype=torch.float32, device=xp.device)
             for r0, r1 in row_chunks(rows, ctx.chunk):
-                kl_grad_chunk(xp[r0:r1], xq[r0:r1], shard, scale, big[:, r0:r1], inv_sp[r0:r1], inv_sq[r0:r1],
-                              mean_r[r0:r1], g[r0:r1],
+                kl_grad_chunk(xp[r0:r1], xq[r0:r1], shard, scale, big[:, r0:r1], None, inv_sp[r0:r1], inv_sq[r0:r1],
+                              mean_d[r0:r1], g[r0:r1],
                               None if grad_p is None else grad_p[r0:r1], None if grad_q is None else grad_q[r0:r1],
                               bufs)
         return (
