@@ -26,6 +26,7 @@ LAYOUTS = {
     "tp2ep2-sp": ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"],
     "tp2etp1ep2-sp": ["parallel.tp=2", "parallel.etp=1", "parallel.ep=2", "parallel.sequence_parallel=true"],
     "pp2ep2": ["parallel.pp=2", "parallel.ep=2"],
+    "pp2vpp2ep2": ["parallel.pp=2", "parallel.vpp=2", "parallel.ep=2"],
 }
 
 
